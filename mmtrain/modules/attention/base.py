@@ -1,0 +1,125 @@
+"""The attention base class and the registry that builds mechanisms from config.
+
+Every mechanism takes per-head tensors whose last two dimensions are (sequence, head_dim):
+``q: (*batch, S_q, D)``, ``k: (*batch, S_k, D)``, ``v: (*batch, S_k, D_v)`` -> ``(*batch, S_q, D_v)``.
+xFormers documents ``*batch`` as ``batch * heads``; mmtrain's multi-head wrapper passes ``(batch, heads)`` instead so
+that fused SDPA kernels see 4-D inputs without a copy. Both work for every mechanism.
+
+Masks follow one convention everywhere: a boolean mask keeps the positions that are True, a float mask is added to
+the scores (``-inf`` drops a position). ``att_mask`` broadcasts against ``(*batch, S_q, S_k)``;
+``key_padding_mask`` broadcasts against ``(*batch, 1, S_k)`` (or is ``(batch, S_k)`` with 3-D inputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttentionConfig:
+    """The fields every mechanism understands; mechanisms take extra keyword arguments of their own."""
+
+    name: str
+    dropout: float = 0.0
+
+
+class Attention(nn.Module):
+    """Base attention mechanism: the part of multi-head attention after the input projections.
+
+    Subclasses set the capability flags below as class attributes; the multi-head wrapper reads them to decide
+    how to hand over masks and shapes.
+    """
+
+    requires_input_projection: bool = True
+    requires_head_dimension: bool = False
+    requires_same_k_q_dimensions: bool = False
+    requires_squared_context: bool = False
+    supports_attention_mask: bool = True
+    supports_key_padding_mask: bool = False
+
+    def __init__(self, dropout: float | None = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.dropout = float(dropout or 0.0)
+        self.attn_drop = nn.Dropout(self.dropout, inplace=False)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Attention":
+        fields = _config_to_dict(config)
+        fields.pop("name", None)
+        fields.pop("module", None)
+        return cls(**fields)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class _RegistryItem:
+    constructor: type
+    config: type
+
+
+ATTENTION_REGISTRY: dict[str, _RegistryItem] = {}
+
+
+def register_attention(name: str, config: type = AttentionConfig) -> Callable[[type], type]:
+    """Class decorator: make ``cls`` buildable as ``build_attention({"name": name, ...})`` and from YAML.
+
+    Registering a name twice is an error, so a user's module cannot silently replace a built-in mechanism.
+    """
+
+    def register(cls: type) -> type:
+        if name in ATTENTION_REGISTRY and ATTENTION_REGISTRY[name].constructor is not cls:
+            raise ValueError(f"attention {name!r} is already registered by {ATTENTION_REGISTRY[name].constructor}")
+        if not (isinstance(cls, type) and issubclass(cls, Attention)):
+            raise TypeError(f"register_attention({name!r}) expects an Attention subclass, got {cls!r}")
+        ATTENTION_REGISTRY[name] = _RegistryItem(cls, config)
+        return cls
+
+    return register
+
+
+def _config_to_dict(config: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if isinstance(config, Mapping):
+        return dict(config)
+    try:  # omegaconf DictConfig without importing omegaconf here
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(config, DictConfig):
+            return dict(OmegaConf.to_container(config, resolve=True))
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    raise TypeError(f"an attention config is a dict or dataclass with a 'name', got {type(config).__name__}")
+
+
+def build_attention(config: Any, **defaults: Any) -> Attention:
+    """Build a registered mechanism from ``{"name": ..., **kwargs}`` (a dict, DictConfig or dataclass).
+
+    ``defaults`` fill fields the config does not set (the multi-head wrapper passes ``num_heads``, ``dim_head``,
+    ``dim_model`` and ``seq_len`` this way). A ``module`` field names a Python module to import first, so a
+    mechanism registered in the user's own code can be chosen from YAML; the config layer checks that module
+    against the same allowlist as ``_target_``.
+    """
+    fields = _config_to_dict(config)
+    name = fields.get("name")
+    if not name:
+        raise ValueError("an attention config needs a 'name' (one of: " + ", ".join(sorted(ATTENTION_REGISTRY)) + ")")
+    module = fields.get("module")
+    if module and name not in ATTENTION_REGISTRY:
+        importlib.import_module(module)
+    if name not in ATTENTION_REGISTRY:
+        raise ValueError(
+            f"unknown attention {name!r}; registered: {', '.join(sorted(ATTENTION_REGISTRY))}"
+            + ("" if module else " (set 'module' to import one registered in your own code)")
+        )
+    item = ATTENTION_REGISTRY[name]
+    merged = {**{k: v for k, v in defaults.items() if v is not None}, **fields}
+    return item.constructor.from_config(merged)

@@ -1,0 +1,213 @@
+"""Multi-head attention around any registered mechanism (the role of xFormers' MultiHeadDispatch).
+
+State-dict keys follow torchtune (``q_proj``, ``k_proj``, ``v_proj``, ``output_proj``) so its checkpoints load.
+
+Shapes:
+    x: (b, s_x, embed_dim)            queries
+    y: (b, s_y, embed_dim) or None    keys and values (cross-attention); None means self-attention on x, or, when
+                                      a filled KV cache is attached, the cached keys and values
+    mask: bool (b, s_x, s_kv) or (s_x, s_kv), True attends; or an additive float mask of the same shapes
+    key_padding_mask: bool (b, s_kv), True keeps
+    input_pos: (b, s_x) or (s_x,) positions of x, for positional embeddings and causal masking with a cache
+    -> (b, s_x, embed_dim)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmtrain.modules.attention.base import Attention, build_attention
+from mmtrain.modules.attention.core import AttentionMask, ScaledDotProduct
+
+
+class KVCache(nn.Module):
+    """Keys and values kept between decoding steps, in buffers of fixed size ``(b, num_kv_heads, max_seq_len, d)``.
+
+    ``update`` appends at the current length and returns views of everything cached so far.
+    """
+
+    def __init__(self, batch_size: int, max_seq_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.size = 0
+
+    def reset(self) -> None:
+        self.size = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (b, num_kv_heads, s, d) -> cached (b, num_kv_heads, size + s, d)."""
+        start, end = self.size, self.size + k.shape[2]
+        if end > self.k_cache.shape[2]:
+            raise ValueError(f"KV cache holds {self.k_cache.shape[2]} positions; {end} requested")
+        self.k_cache[:, :, start:end] = k
+        self.v_cache[:, :, start:end] = v
+        self.size = end
+        return self.k_cache[:, :, :end], self.v_cache[:, :, :end]
+
+    def cached(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_cache[:, :, : self.size], self.v_cache[:, :, : self.size]
+
+
+class MultiHeadAttention(nn.Module):
+    """Projections, head split, grouped-query key/value heads, optional rotary embeddings and KV cache, and an
+    attention mechanism from the registry (dense SDPA by default).
+
+    Args:
+        embed_dim: model width.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (grouped-query attention); defaults to ``num_heads``.
+        head_dim: per-head width; defaults to ``embed_dim // num_heads``.
+        q_proj, k_proj, v_proj, output_proj: projection modules; ``nn.Linear(bias=bias)`` when not given.
+        pos_embeddings: module applied to q and k as ``pos(x, input_pos=...)`` on ``(b, s, h, d)`` (RoPE).
+        q_norm, k_norm: optional per-head norms applied before positional embeddings.
+        kv_cache: a ``KVCache`` for decoding, or None (see ``setup_cache``).
+        max_seq_len: longest sequence (passed to mechanisms that need a fixed length, e.g. Linformer).
+        is_causal: causal self-attention.
+        attn_dropout: dropout on attention weights.
+        attention: an ``Attention`` instance, a registry config (``{"name": "local", "window_size": 9}``), or None.
+        bias: bias of the default projections.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        q_proj: nn.Module | None = None,
+        k_proj: nn.Module | None = None,
+        v_proj: nn.Module | None = None,
+        output_proj: nn.Module | None = None,
+        pos_embeddings: nn.Module | None = None,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+        kv_cache: KVCache | None = None,
+        max_seq_len: int = 4096,
+        is_causal: bool = False,
+        attn_dropout: float = 0.0,
+        attention: Attention | dict[str, Any] | None = None,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        head_dim = head_dim or embed_dim // num_heads
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
+        if embed_dim % num_heads != 0 and head_dim * num_heads != embed_dim and output_proj is None:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if attn_dropout < 0 or attn_dropout > 1:
+            raise ValueError(f"attn_dropout ({attn_dropout}) must be between 0.0 and 1.0")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.max_seq_len = max_seq_len
+        self.is_causal = is_causal
+        self.q_proj = q_proj or nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
+        self.k_proj = k_proj or nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = v_proj or nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
+        self.output_proj = output_proj or nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
+        self.pos_embeddings = pos_embeddings
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.kv_cache = kv_cache
+        if attention is None:
+            attention = ScaledDotProduct(dropout=attn_dropout, causal=is_causal)
+        elif not isinstance(attention, Attention):
+            attention = build_attention(
+                attention,
+                dropout=attn_dropout,
+                causal=is_causal,
+                num_heads=num_heads,
+                dim_head=head_dim,
+                dim_model=embed_dim,
+                seq_len=max_seq_len,
+            )
+        self.attention = attention
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int | None = None) -> None:
+        device = self.q_proj.weight.device if hasattr(self.q_proj, "weight") else None
+        self.kv_cache = KVCache(batch_size, max_seq_len or self.max_seq_len, self.num_kv_heads, self.head_dim,
+                                dtype, device)
+
+    def reset_cache(self) -> None:
+        if self.kv_cache is not None:
+            self.kv_cache.reset()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | AttentionMask | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, s_x, _ = x.shape
+        q = self.q_proj(x).view(b, s_x, self.num_heads, self.head_dim)
+        cache = self.kv_cache
+        use_cached_kv = y is None and cache is not None and cache.size > 0 and not self.is_causal
+        if input_pos is None and cache is not None and self.is_causal:
+            input_pos = torch.arange(cache.size, cache.size + s_x, device=x.device)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.pos_embeddings is not None:
+            q = self.pos_embeddings(q, input_pos=input_pos)
+        q = q.transpose(1, 2)
+
+        if use_cached_kv:
+            k, v = cache.cached()
+        else:
+            kv_in = x if y is None else y
+            s_y = kv_in.shape[1]
+            k = self.k_proj(kv_in).view(b, s_y, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(kv_in).view(b, s_y, self.num_kv_heads, self.head_dim)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            if self.pos_embeddings is not None and y is None:
+                k = self.pos_embeddings(k, input_pos=input_pos)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            if cache is not None:
+                k, v = cache.update(k, v)
+
+        if self.num_kv_heads != self.num_heads:
+            groups = self.num_heads // self.num_kv_heads
+            k = k.unsqueeze(2).expand(-1, -1, groups, -1, -1).flatten(1, 2)
+            v = v.unsqueeze(2).expand(-1, -1, groups, -1, -1).flatten(1, 2)
+
+        # Decoding with a cache gives s_x < s_kv: causal mechanisms align the band bottom-right, which is
+        # exactly "each new token sees the cache and itself".
+        attn_kwargs: dict[str, Any] = {}
+        if isinstance(mask, torch.Tensor) and mask.ndim == 3:
+            mask = mask.unsqueeze(1)  # (b, 1, s_x, s_kv): broadcast over heads
+        if key_padding_mask is not None:
+            kpm = key_padding_mask[:, None, None, :]
+            if self.attention.supports_key_padding_mask:
+                attn_kwargs["key_padding_mask"] = kpm
+            else:
+                mask = _merge_kpm(mask, kpm)
+        if mask is not None and not self.attention.supports_attention_mask:
+            raise ValueError(f"{type(self.attention).__name__} does not take an attention mask")
+        if mask is not None:
+            out = self.attention(q, k, v, att_mask=mask, **attn_kwargs)
+        else:
+            out = self.attention(q, k, v, **attn_kwargs)
+        out = out.transpose(1, 2).reshape(b, s_x, self.num_heads * self.head_dim)
+        return self.output_proj(out)
+
+
+def _merge_kpm(mask: torch.Tensor | AttentionMask | None, kpm: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return kpm
+    if isinstance(mask, AttentionMask):
+        mask = mask.values
+    if mask.dtype == torch.bool:
+        return mask & kpm
+    return mask.masked_fill(~kpm, float("-inf"))
