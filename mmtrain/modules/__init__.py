@@ -1,5 +1,10 @@
 """Model-agnostic building blocks: attention, transformer layers, the tiled vision transformer, embeddings."""
 
+from mmtrain.modules.position_embeddings import (
+    TiledTokenPositionalEmbedding,
+    TilePositionalEmbedding,
+    TokenPositionalEmbedding,
+)
 from mmtrain.modules.transformer import (
     FeedForward,
     Fp32LayerNorm,
@@ -8,12 +13,19 @@ from mmtrain.modules.transformer import (
     TransformerCrossAttentionLayer,
     TransformerSelfAttentionLayer,
 )
+from mmtrain.modules.vision_transformer import CLSEmbedding, CLSProjection, VisionTransformer
 
 __all__ = [
+    "CLSEmbedding",
+    "CLSProjection",
     "FeedForward",
     "Fp32LayerNorm",
     "RMSNorm",
     "TanhGate",
+    "TiledTokenPositionalEmbedding",
+    "TilePositionalEmbedding",
+    "TokenPositionalEmbedding",
     "TransformerCrossAttentionLayer",
     "TransformerSelfAttentionLayer",
+    "VisionTransformer",
 ]
