@@ -1,0 +1,334 @@
+"""``AlignProcessor``: the EfficientNet image processor and a BERT WordPiece tokenizer (``tokenizers`` library,
+local files only), as HF transformers' ``AlignProcessor`` combines them.
+
+Shapes (``return_tensors="pt"``):
+    pixel_values:   (N_images, 3, crop_h, crop_w) float32 (or resize size when ``do_center_crop`` is off)
+    input_ids, token_type_ids, attention_mask: (N_texts, max_length) int64 with ``padding="max_length"``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from mmtrain.errors import CheckpointError
+
+IMAGENET_STANDARD_MEAN = [0.5, 0.5, 0.5]
+IMAGENET_STANDARD_STD = [0.5, 0.5, 0.5]
+
+# kakaobrain/align-base's preprocessor_config.json: 346 bilinear, center crop 289, x / 127.5 - 1, nothing else.
+ALIGN_BASE_IMAGE_PROCESSOR: dict[str, Any] = {
+    "do_resize": True,
+    "size": {"height": 346, "width": 346},
+    "resample": 2,
+    "do_center_crop": True,
+    "crop_size": {"height": 289, "width": 289},
+    "do_rescale": True,
+    "rescale_factor": 1 / 127.5,
+    "rescale_offset": True,
+    "do_normalize": False,
+    "include_top": False,
+}
+
+# PIL resampling codes (as HF configs store them) -> torchvision interpolation names
+_RESAMPLE = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
+
+
+class BatchFeature(dict):
+    """A dict with attribute access (``out.pixel_values``), like HF's ``BatchFeature``/``BatchEncoding``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _to_tensor_list(data: dict[str, list], return_tensors: str | None) -> BatchFeature:
+    if return_tensors in (None, "list"):
+        return BatchFeature(data)
+    if return_tensors == "pt":
+        return BatchFeature({k: torch.stack(v) if isinstance(v[0], torch.Tensor) else torch.tensor(v)
+                             for k, v in data.items()})
+    if return_tensors == "np":
+        return BatchFeature({k: np.stack([np.asarray(x) for x in v]) for k, v in data.items()})
+    raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+
+
+class EfficientNetImageProcessor:
+    """HF's ``EfficientNetImageProcessor`` options and defaults: resize -> center crop -> rescale (optionally with
+    offset: ``x * rescale_factor - 1``) -> normalize -> ``include_top`` (divide by ``image_std`` once more).
+
+    Accepts PIL images, HWC uint8 numpy arrays and CHW uint8/float torch tensors, one or a list.
+    Resizing runs on uint8 tensors with antialiasing, as HF's torchvision backend does.
+    """
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: dict[str, int] | None = None,
+        resample: int = 3,
+        do_center_crop: bool = False,
+        crop_size: dict[str, int] | None = None,
+        rescale_factor: float = 1 / 255,
+        rescale_offset: bool = False,
+        do_rescale: bool = True,
+        do_normalize: bool = True,
+        image_mean: float | list[float] | None = None,
+        image_std: float | list[float] | None = None,
+        include_top: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.do_resize = do_resize
+        self.size = dict(size) if size is not None else {"height": 346, "width": 346}
+        self.resample = int(resample)
+        self.do_center_crop = do_center_crop
+        self.crop_size = dict(crop_size) if crop_size is not None else {"height": 289, "width": 289}
+        self.rescale_factor = rescale_factor
+        self.rescale_offset = rescale_offset
+        self.do_rescale = do_rescale
+        self.do_normalize = do_normalize
+        self.image_mean = image_mean if image_mean is not None else list(IMAGENET_STANDARD_MEAN)
+        self.image_std = image_std if image_std is not None else list(IMAGENET_STANDARD_STD)
+        self.include_top = include_top
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"resample must be a PIL resampling code {sorted(_RESAMPLE)}, got {resample!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image_processor_type": "EfficientNetImageProcessor", **{k: v for k, v in vars(self).items()}}
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "EfficientNetImageProcessor":
+        return cls(**config)
+
+    @staticmethod
+    def _as_uint8_chw(image: Any) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            tensor = image
+        else:
+            try:
+                from PIL import Image
+            except ImportError:  # pragma: no cover - pillow is a dependency
+                Image = None  # type: ignore[assignment]
+            if Image is not None and isinstance(image, Image.Image):
+                image = np.asarray(image.convert("RGB"))
+            array = np.asarray(image)
+            if array.ndim == 2:
+                array = np.repeat(array[:, :, None], 3, axis=2)
+            if array.ndim != 3:
+                raise ValueError(f"an image is HWC or HW, got an array of shape {array.shape}")
+            tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+        if tensor.ndim == 2:
+            tensor = tensor.unsqueeze(0)
+        if tensor.ndim != 3:
+            raise ValueError(f"an image tensor is (C, H, W), got shape {tuple(tensor.shape)}")
+        if tensor.shape[0] == 1:
+            tensor = tensor.expand(3, -1, -1)
+        return tensor
+
+    def preprocess(self, images: Any, return_tensors: str | None = "pt", **overrides: Any) -> BatchFeature:
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as tvF
+
+        opts = {**vars(self), **overrides}
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        out = []
+        for image in images:
+            x = self._as_uint8_chw(image)
+            if opts["do_resize"]:
+                size = opts["size"]
+                if "height" in size and "width" in size:
+                    new_size = [size["height"], size["width"]]
+                elif "shortest_edge" in size:
+                    h, w = x.shape[-2:]
+                    short = size["shortest_edge"]
+                    new_size = [short, int(short * w / h)] if h <= w else [int(short * h / w), short]
+                else:
+                    raise ValueError(f"size needs 'height' and 'width' or 'shortest_edge', got {size}")
+                interpolation = InterpolationMode[_RESAMPLE[int(opts["resample"])]]
+                x = tvF.resize(x, new_size, interpolation=interpolation, antialias=True)
+            if opts["do_center_crop"]:
+                crop = opts["crop_size"]
+                x = _center_crop(x, crop["height"], crop["width"])
+            x = x.to(torch.float32)
+            if opts["do_rescale"]:
+                x = x * opts["rescale_factor"]
+                if opts["rescale_offset"]:
+                    x = x - 1
+            mean = torch.as_tensor(opts["image_mean"], dtype=torch.float32).reshape(-1, 1, 1)
+            std = torch.as_tensor(opts["image_std"], dtype=torch.float32).reshape(-1, 1, 1)
+            if opts["do_normalize"]:
+                x = (x - mean) / std
+            if opts["include_top"]:
+                x = x / std
+            out.append(x)
+        return _to_tensor_list({"pixel_values": out}, return_tensors)
+
+    __call__ = preprocess
+
+
+def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Center crop (zero-pad first when the image is smaller), with HF's rounding of the offsets."""
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    if height > h or width > w:
+        pad_w, pad_h = max(width - w, 0), max(height - h, 0)
+        x = F.pad(x, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
+        h, w = x.shape[-2:]
+    top, left = int((h - height) / 2.0), int((w - width) / 2.0)
+    return x[..., top:top + height, left:left + width]
+
+
+class BertTokenizer:
+    """BERT WordPiece tokenizer from local files via ``tokenizers``: ``tokenizer.json`` when present, else
+    ``vocab.txt`` (+ ``do_lower_case`` from ``tokenizer_config.json``)."""
+
+    def __init__(self, tokenizer: Any, model_max_length: int = 512) -> None:
+        self._tokenizer = tokenizer
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self.model_max_length = model_max_length
+        self.pad_token = "[PAD]"
+        self.pad_token_id = tokenizer.token_to_id(self.pad_token)
+        if self.pad_token_id is None:
+            self.pad_token_id = 0
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "BertTokenizer":
+        from tokenizers import Tokenizer
+
+        directory = os.fspath(directory)
+        settings: dict[str, Any] = {}
+        config_path = os.path.join(directory, "tokenizer_config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as handle:
+                settings = json.load(handle)
+        max_len = int(settings.get("model_max_length", 512)) if settings.get("model_max_length", 0) < 10**6 else 512
+        tokenizer_json = os.path.join(directory, "tokenizer.json")
+        vocab = os.path.join(directory, "vocab.txt")
+        try:
+            if os.path.isfile(tokenizer_json):
+                return cls(Tokenizer.from_file(tokenizer_json), max_len)
+            if os.path.isfile(vocab):
+                return cls(cls._from_vocab(vocab, bool(settings.get("do_lower_case", True))), max_len)
+        except Exception as err:
+            raise CheckpointError(f"{directory}: cannot read the tokenizer ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{directory}: no tokenizer.json or vocab.txt")
+
+    @staticmethod
+    def _from_vocab(vocab_path: str, lowercase: bool) -> Any:
+        from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+        from tokenizers.models import WordPiece
+
+        tokenizer = Tokenizer(WordPiece.from_file(vocab_path, unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase, clean_text=True,
+                                                          handle_chinese_chars=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+        if cls_id is None or sep_id is None:
+            raise ValueError(f"{vocab_path} lacks [CLS] or [SEP]")
+        tokenizer.post_processor = processors.BertProcessing(("[SEP]", sep_id), ("[CLS]", cls_id))
+        tokenizer.decoder = decoders.WordPiece(prefix="##")
+        return tokenizer
+
+    def __call__(self, text: str | Sequence[str], padding: bool | str = "max_length", max_length: int | None = 64,
+                 truncation: bool = True, return_tensors: str | None = "pt") -> BatchFeature:
+        texts = [text] if isinstance(text, str) else list(text)
+        encodings = self._tokenizer.encode_batch(texts)
+        limit = max_length or self.model_max_length
+        ids, types, masks = [], [], []
+        for enc in encodings:
+            seq_ids, seq_types = list(enc.ids), list(enc.type_ids)
+            if truncation and len(seq_ids) > limit:
+                # keep [CLS] ... and end with [SEP], as a truncating BERT tokenizer does
+                seq_ids = seq_ids[: limit - 1] + [seq_ids[-1]]
+                seq_types = seq_types[:limit]
+            ids.append(seq_ids)
+            types.append(seq_types)
+        if padding in (True, "longest"):
+            target = max(len(x) for x in ids)
+        elif padding == "max_length":
+            target = limit
+        elif padding in (False, "do_not_pad", None):
+            target = 0
+        else:
+            raise ValueError(f"padding must be 'max_length', 'longest', True or False, got {padding!r}")
+        for seq_ids, seq_types in zip(ids, types):
+            masks.append([1] * len(seq_ids) + [0] * max(target - len(seq_ids), 0))
+            seq_types.extend([0] * max(target - len(seq_types), 0))
+            seq_ids.extend([self.pad_token_id] * max(target - len(seq_ids), 0))
+        if return_tensors is not None and len({len(x) for x in ids}) > 1:
+            raise ValueError("texts have different lengths; pass padding='max_length' or 'longest' for tensors")
+        data = {"input_ids": ids, "token_type_ids": types, "attention_mask": masks}
+        if return_tensors == "pt":
+            return BatchFeature({k: torch.tensor(v, dtype=torch.long) for k, v in data.items()})
+        return _to_tensor_list(data, return_tensors)
+
+    def decode(self, token_ids: Iterable[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.tolist()
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: Iterable[Iterable[int]] | torch.Tensor,
+                     skip_special_tokens: bool = False) -> list[str]:
+        if isinstance(sequences, torch.Tensor):
+            sequences = sequences.tolist()
+        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
+
+
+class AlignProcessor:
+    """Images -> ``pixel_values``; text -> ``input_ids``, ``token_type_ids``, ``attention_mask`` (max_length 64).
+
+    Args:
+        image_processor: an ``EfficientNetImageProcessor`` (align-base's settings when None).
+        tokenizer: a ``BertTokenizer`` (required).
+    """
+
+    def __init__(self, image_processor: EfficientNetImageProcessor | None = None,
+                 tokenizer: BertTokenizer | None = None) -> None:
+        if tokenizer is None:
+            raise ValueError("AlignProcessor needs a tokenizer (BertTokenizer.from_pretrained(local_dir))")
+        self.image_processor = image_processor or EfficientNetImageProcessor(**ALIGN_BASE_IMAGE_PROCESSOR)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "AlignProcessor":
+        """Read ``preprocessor_config.json`` (align-base settings if absent) and the tokenizer files."""
+        path = os.path.join(directory, "preprocessor_config.json")
+        image_processor = None
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                settings = json.load(handle)
+            settings = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")}
+            image_processor = EfficientNetImageProcessor(**settings)
+        return cls(image_processor, BertTokenizer.from_pretrained(directory))
+
+    def __call__(self, text: str | Sequence[str] | None = None, images: Any = None,
+                 return_tensors: str | None = "pt", padding: bool | str = "max_length", max_length: int = 64,
+                 truncation: bool = True, **image_kwargs: Any) -> BatchFeature:
+        if text is None and images is None:
+            raise ValueError("You have to specify either text or images. Both cannot be none.")
+        out = BatchFeature()
+        if text is not None:
+            out.update(self.tokenizer(text, padding=padding, max_length=max_length, truncation=truncation,
+                                      return_tensors=return_tensors))
+        if images is not None:
+            out.update(self.image_processor(images, return_tensors=return_tensors, **image_kwargs))
+        return out
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "token_type_ids", "attention_mask", "pixel_values"]
