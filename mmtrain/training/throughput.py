@@ -1,0 +1,60 @@
+"""FLOPs per step, the measured bf16 matmul peak of this GPU, and model FLOPs utilization (MFU).
+
+MFU = (FLOPs of one optimizer step on this rank) / (step time in s) / (measured peak FLOP/s of one GPU).
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` over a real forward + backward, so they include
+what the model actually runs (attention variant, loss), not a 6 * params * tokens estimate.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+_PEAK_CACHE: dict[str, float] = {}
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Run ``fn()`` once under FlopCounterMode; returns (total FLOPs, fn's result)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        result = fn()
+    return int(counter.get_total_flops()), result
+
+
+def measure_peak_flops(device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                       size: int = 8192, iters: int = 20) -> float | None:
+    """Best achieved FLOP/s of a square ``size`` matmul in ``dtype`` on ``device``; None off-GPU.
+
+    Measured once per device and cached (about a second on an H100).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    key = f"{torch.cuda.get_device_name(device)}:{dtype}:{size}"
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    best = float("inf")
+    for _ in range(iters):
+        start = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    peak = 2 * size**3 / best
+    _PEAK_CACHE[key] = peak
+    del a, b
+    return peak
+
+
+def mfu(flops_per_step: float | None, seconds_per_step: float, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilization in [0, 1] (None when FLOPs or peak are unknown)."""
+    if not flops_per_step or not peak_flops or seconds_per_step <= 0:
+        return None
+    return flops_per_step / seconds_per_step / peak_flops
