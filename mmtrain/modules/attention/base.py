@@ -14,11 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+
+from mmtrain.errors import ConfigError
+
+
+class AttentionConfigError(ConfigError, ValueError):
+    """An attention config that names an unknown mechanism or gives a mechanism bad arguments.
+
+    It is both a ``ConfigError`` (the CLI prints one line, exit 2) and a ``ValueError`` (what the mechanism
+    constructors raise when called directly).
+    """
 
 
 @dataclass
@@ -50,13 +61,39 @@ class Attention(nn.Module):
 
     @classmethod
     def from_config(cls, config: Any) -> "Attention":
+        """Build from a config's fields; ``name``/``module`` are dropped, a misspelt argument is an error.
+
+        The fields the multi-head wrapper fills for every mechanism (``SHARED_ARGUMENTS``) are passed on and a
+        mechanism that does not use them ignores them through ``**kwargs``.
+        """
         fields = _config_to_dict(config)
         fields.pop("name", None)
         fields.pop("module", None)
+        accepted = _named_parameters(cls.__init__)
+        if accepted:
+            unknown = sorted(set(fields) - accepted - SHARED_ARGUMENTS)
+            if unknown:
+                raise AttentionConfigError(
+                    f"{cls.__name__} has no argument {', '.join(map(repr, unknown))} "
+                    f"(arguments: {', '.join(sorted(accepted))})"
+                )
         return cls(**fields)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError
+
+
+# Filled by the multi-head wrapper for every mechanism; each mechanism takes the ones it needs.
+SHARED_ARGUMENTS = frozenset({"dropout", "causal", "num_heads", "dim_head", "dim_model", "seq_len", "to_seq_len"})
+
+
+def _named_parameters(function: Callable[..., Any]) -> set[str]:
+    signature = inspect.signature(function)
+    return {
+        name
+        for name, parameter in signature.parameters.items()
+        if name != "self" and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    }
 
 
 @dataclass
@@ -103,23 +140,38 @@ def _config_to_dict(config: Any) -> dict[str, Any]:
 def build_attention(config: Any, **defaults: Any) -> Attention:
     """Build a registered mechanism from ``{"name": ..., **kwargs}`` (a dict, DictConfig or dataclass).
 
-    ``defaults`` fill fields the config does not set (the multi-head wrapper passes ``num_heads``, ``dim_head``,
-    ``dim_model`` and ``seq_len`` this way). A ``module`` field names a Python module to import first, so a
-    mechanism registered in the user's own code can be chosen from YAML; the config layer checks that module
-    against the same allowlist as ``_target_``.
+    ``defaults`` fill fields the config does not set (the multi-head wrapper passes ``dropout``, ``causal``,
+    ``num_heads``, ``dim_head``, ``dim_model`` and ``seq_len`` this way). A ``module`` field names a Python module to
+    import first, so a mechanism registered in the user's own code can be chosen from YAML; the config layer checks
+    that module against the same allowlist as ``_target_``.
+
+    Raises:
+        AttentionConfigError: (a ``ConfigError`` and a ``ValueError``) unknown name, unknown argument or an
+            argument the mechanism rejects; the one-line message names the mechanism and the argument.
     """
     fields = _config_to_dict(config)
     name = fields.get("name")
     if not name:
-        raise ValueError("an attention config needs a 'name' (one of: " + ", ".join(sorted(ATTENTION_REGISTRY)) + ")")
+        raise AttentionConfigError(
+            "an attention config needs a 'name' (one of: " + ", ".join(sorted(ATTENTION_REGISTRY)) + ")"
+        )
     module = fields.get("module")
     if module and name not in ATTENTION_REGISTRY:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise AttentionConfigError(f"attention {name!r}: cannot import module {module!r}: {err}") from err
     if name not in ATTENTION_REGISTRY:
-        raise ValueError(
+        raise AttentionConfigError(
             f"unknown attention {name!r}; registered: {', '.join(sorted(ATTENTION_REGISTRY))}"
             + ("" if module else " (set 'module' to import one registered in your own code)")
         )
     item = ATTENTION_REGISTRY[name]
     merged = {**{k: v for k, v in defaults.items() if v is not None}, **fields}
-    return item.constructor.from_config(merged)
+    try:
+        return item.constructor.from_config(merged)
+    except AttentionConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        message = " ".join(str(err).split())
+        raise AttentionConfigError(f"attention {name!r}: {message}") from err

@@ -1,0 +1,113 @@
+"""Positive random feature maps for the softmax kernel (Performers, Choromanski et al. 2020).
+
+``phi: (*batch, S, D) -> (*batch, S, m)`` with ``E[phi(q) . phi(k)] = exp(q . k / sqrt(D))``. Every map first scales
+its input by ``D ** -0.25`` (so the kernel is the one of scaled dot-product attention), then with ``x`` scaled and
+``W`` the random projections (``features``, ``(D, m)`` or ``(D, m / 2)``):
+
+    SMOrf         phi(x) = exp(x W - |x|^2 / 2 - log sqrt(m))                         W: orthogonal blocks, chi norms
+    SMHyperbolic  phi(x) = [exp(x W + c), exp(-x W + c)],  c = -|x|^2 / 2 - log sqrt(m)    W: iid Gaussian
+    SMReg         as SMHyperbolic, W orthogonal blocks with every column of norm sqrt(D)    (regularised softmax)
+
+``normalize_inputs`` also subtracts, per sequence, the largest ``|x|^2`` (a constant that cancels in attention's
+normalisation and keeps ``exp`` in range). Features are drawn from torch's RNG; ``redraw()`` draws new ones.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import torch
+from torch import nn
+
+
+class FeatureMapType(str, enum.Enum):
+    SMOrf = "sm_orf"
+    SMHyp = "sm_hyp"
+    SMReg = "sm_reg"
+
+
+def orthogonal_gaussian(dim_input: int, count: int, device: torch.device | None = None) -> torch.Tensor:
+    """``(dim_input, count)``: columns in blocks of ``dim_input`` mutually orthogonal unit vectors."""
+    blocks = []
+    for _ in range(math.ceil(count / dim_input)):
+        gaussian = torch.randn(dim_input, dim_input, device=device)
+        q, _ = torch.linalg.qr(gaussian)
+        blocks.append(q)
+    return torch.cat(blocks, dim=1)[:, :count]
+
+
+class SoftMaxPositiveEstimator(nn.Module):
+    """Base: holds ``features`` (a buffer, saved in state dicts) and the scaling shared by the three maps."""
+
+    hyperbolic: bool = True
+
+    def __init__(self, dim_input: int | None, dim_features: int, normalize_inputs: bool = False) -> None:
+        super().__init__()
+        if self.hyperbolic and dim_features % 2 != 0:
+            raise ValueError(f"dim_features must be even for {type(self).__name__}, got {dim_features}")
+        self.dim_features = dim_features
+        self.normalize_inputs = normalize_inputs
+        self.log_scale = math.log(math.sqrt(dim_features))
+        self.register_buffer("features", None)
+        if dim_input is not None:
+            self.redraw(dim_input)
+
+    @property
+    def num_projections(self) -> int:
+        return self.dim_features // 2 if self.hyperbolic else self.dim_features
+
+    def draw(self, dim_input: int, device: torch.device | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def redraw(self, dim_input: int | None = None, device: torch.device | None = None) -> None:
+        if dim_input is None:
+            dim_input = self.features.shape[0]
+        if device is None and self.features is not None:
+            device = self.features.device
+        self.features = self.draw(dim_input, device).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.features is None or self.features.shape[0] != x.shape[-1]:
+            self.redraw(x.shape[-1], x.device)
+        x = x * (x.shape[-1] ** -0.25)
+        projected = x @ self.features.to(x.dtype)
+        offset = -0.5 * (x * x).sum(dim=-1, keepdim=True) - self.log_scale
+        if self.normalize_inputs:
+            offset = offset - (x * x).sum(dim=-1, keepdim=True).amax(dim=-2, keepdim=True)
+        if self.hyperbolic:
+            return torch.cat((torch.exp(projected + offset), torch.exp(-projected + offset)), dim=-1)
+        return torch.exp(projected + offset)
+
+
+class SMOrf(SoftMaxPositiveEstimator):
+    """Positive orthogonal random features, SM+ort (Performers, Lemma 1)."""
+
+    hyperbolic = False
+
+    def draw(self, dim_input: int, device: torch.device | None) -> torch.Tensor:
+        directions = orthogonal_gaussian(dim_input, self.num_projections, device)
+        norms = torch.randn(dim_input, self.num_projections, device=device).norm(dim=0)  # chi(D) distributed
+        return directions * norms
+
+
+class SMHyperbolic(SoftMaxPositiveEstimator):
+    """Positive hyperbolic random features, SMhyp+ (Performers, Lemma 1), iid Gaussian projections."""
+
+    def draw(self, dim_input: int, device: torch.device | None) -> torch.Tensor:
+        return torch.randn(dim_input, self.num_projections, device=device)
+
+
+class SMReg(SoftMaxPositiveEstimator):
+    """Regularised softmax kernel, SMREG+: orthogonal projections with every norm fixed to sqrt(D)."""
+
+    def draw(self, dim_input: int, device: torch.device | None) -> torch.Tensor:
+        return orthogonal_gaussian(dim_input, self.num_projections, device) * math.sqrt(dim_input)
+
+
+FEATURE_MAPS: dict[FeatureMapType, type[SoftMaxPositiveEstimator]] = {
+    FeatureMapType.SMOrf: SMOrf,
+    FeatureMapType.SMHyp: SMHyperbolic,
+    FeatureMapType.SMReg: SMReg,
+}

@@ -1,0 +1,85 @@
+"""Random attention (BigBird): each query attends to a random subset of the keys, a fraction ``r`` of them.
+
+Shapes: ``q: (*batch, S_q, D)``, ``k: (*batch, S_k, D)``, ``v: (*batch, S_k, D_v)`` -> ``(*batch, S_q, D_v)``.
+
+The random pattern is a hash of ``(seed, i, j)`` compared with ``r``, so it is never stored: FlexAttention evaluates
+it per block on CUDA, the masked path per chunk elsewhere. Each query also keeps its own position (``i == j``), so
+no row is empty. ``constant_masking`` keeps one seed for the life of the module (drawn from torch's RNG at
+construction, so seeded runs repeat); otherwise every forward call draws a new pattern. ``causal`` additionally
+drops keys after the query.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmtrain.modules.attention.base import AttentionConfig, register_attention
+from mmtrain.modules.attention.pattern import KeepFn, PatternAttention
+
+_MASK32 = 0xFFFFFFFF
+
+
+def hash_uniform32(seed: int, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    """A well-mixed 32-bit integer per ``(seed, q_idx, kv_idx)`` (int64 tensor holding values below 2**32).
+
+    Plain integer arithmetic (products stay below 2**63), so it gives the same bits on CPU and in Triton kernels.
+    """
+    x = (q_idx.to(torch.int64) * 0x9E3779B1 + kv_idx.to(torch.int64) * 0x85EBCA77 + seed) & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+@register_attention("random", AttentionConfig)
+class RandomAttention(PatternAttention):
+    """Args:
+        dropout: probability of dropping an attention weight at training time.
+        causal: a query never attends to later keys.
+        r: fraction of the keys each query attends to (in ``[0, 1]``).
+        constant_masking: keep one random pattern across calls (else redraw every call).
+        force_sparsity: accepted for xFormers compatibility; the pattern is always computed sparsely.
+    """
+
+    def __init__(
+        self,
+        dropout: float = 0.0,
+        causal: bool = False,
+        r: float = 0.01,
+        constant_masking: bool = True,
+        force_sparsity: bool = False,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dropout=dropout, causal=causal, force_sparsity=force_sparsity)
+        if not 0.0 <= float(r) <= 1.0:
+            raise ValueError(f"r must be a fraction in [0, 1], got {r!r}")
+        self.r = float(r)
+        self.constant_masking = bool(constant_masking)
+        self.seed = self._draw_seed()
+
+    @staticmethod
+    def _draw_seed() -> int:
+        return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+    def make_keep(self, s_q: int, s_k: int, device: torch.device) -> KeepFn:
+        if not self.constant_masking and self.training:
+            self.seed = self._draw_seed()
+        seed, offset, causal = self.seed, self.query_offset(s_q, s_k), self.causal
+        threshold = int(round(self.r * 2**32))
+
+        def keep(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            position = q_idx + offset
+            kept = (hash_uniform32(seed, position, kv_idx) < threshold) | (position == kv_idx)
+            if causal:
+                kept = kept & (kv_idx <= position)
+            return kept
+
+        return keep
+
+    def cache_key(self, s_q: int, s_k: int) -> tuple[Any, ...] | None:
+        return (s_q, s_k, self.seed)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, causal={self.causal}, constant_masking={self.constant_masking}"
