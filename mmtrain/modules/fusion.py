@@ -143,9 +143,13 @@ def get_fusion_params(model: nn.Module) -> dict[str, nn.Parameter]:
     fusion: dict[str, nn.Parameter] = {}
     for module_name, module in model.named_modules():
         declared = getattr(module, "fusion_params", None)
-        if not callable(declared):
+        if callable(declared):
+            locals_ = declared()
+        elif getattr(module, "_fusion_module", False):  # marked by the vision encoder for its projection head
+            locals_ = [name for name, _ in module.named_parameters()]
+        else:
             continue
-        for local in declared():
+        for local in locals_:
             full = f"{module_name}.{local}" if module_name else local
             if full in params:
                 fusion[full] = params[full]
@@ -184,7 +188,8 @@ class DeepFusionModel(nn.Module):
         self.encoder = encoder
         # The projection head maps the encoder into the decoder's width: new weights, so a fusion module.
         projection = getattr(encoder, "projection", None)
-        if isinstance(projection, nn.Module) and not callable(getattr(projection, "fusion_params", None)):
+        if isinstance(projection, nn.Module) and not callable(getattr(projection, "fusion_params", None)) \
+                and not getattr(projection, "_fusion_module", False):
             register_fusion_module(projection)
         trainable: set[str] = set()
         if encoder_trainable:
@@ -218,10 +223,8 @@ class DeepFusionModel(nn.Module):
     def layer_modules(self) -> list[nn.Module]:
         """The repeated blocks (encoder layers, decoder layers) for per-layer sharding, checkpointing, compile."""
         blocks: list[nn.Module] = []
-        for module in self.encoder.modules():
-            layers = getattr(module, "layers", None)
-            if isinstance(layers, nn.ModuleList):
-                blocks.extend(layers)
+        if callable(getattr(self.encoder, "layer_modules", None)):
+            blocks.extend(self.encoder.layer_modules())
         blocks.extend(self.decoder.layers)
         return blocks
 

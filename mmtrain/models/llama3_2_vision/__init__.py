@@ -1,0 +1,25 @@
+"""Llama 3.2 Vision: the tiled CLIP encoder with its projection head, the fused Llama decoder, and model builders.
+
+``llama3_2_vision_11b`` / ``llama3_2_vision_tiny`` return a ``DeepFusionModel`` with torchtune's state-dict keys;
+``count_parameters`` / ``estimate_memory`` size a run before it starts.
+"""
+
+from mmtrain.models.llama3_2_vision._component_builders import (
+    llama3_2_vision_11b_encoder,
+    llama3_2_vision_encoder,
+    llama3_2_vision_projection_head,
+)
+from mmtrain.models.llama3_2_vision._decoder import llama3_2_vision_decoder
+from mmtrain.models.llama3_2_vision._encoder import Llama3VisionEncoder, Llama3VisionProjectionHead
+from mmtrain.models.llama3_2_vision._model_builders import llama3_2_vision_11b, llama3_2_vision_tiny
+
+__all__ = [
+    "Llama3VisionEncoder",
+    "Llama3VisionProjectionHead",
+    "llama3_2_vision_11b",
+    "llama3_2_vision_11b_encoder",
+    "llama3_2_vision_decoder",
+    "llama3_2_vision_encoder",
+    "llama3_2_vision_projection_head",
+    "llama3_2_vision_tiny",
+]

@@ -1,0 +1,121 @@
+"""Greedy decoding for decoder and fusion models, with KV caches.
+
+The prompt is processed once ("prefill"); then each step feeds only the newest token: self-attention reads its
+KV cache, and cross-attention reads keys/values of the encoder output that were cached at prefill (the encoder
+runs once per prompt). ``use_cache=False`` recomputes the whole sequence each step (the reference the cached path
+is tested against).
+
+Shapes:
+    prompt: long (b, s), left-padded with ``pad_id`` (prompts of different lengths end at the same column)
+    encoder_input: dict for ``model.encoder`` (e.g. images (b, i, t, 3, H, W), aspect_ratio (b, i, 2)) or None
+    encoder_mask: bool (b, s, s_e) or None; generated tokens reuse the last prompt row (they follow the images)
+    -> long (b, s + n): prompt and n <= max_new_tokens generated tokens (``pad_id`` after a row's stop token)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["causal_mask_from_padding", "generate"]
+
+
+def causal_mask_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:
+    """(b, s) bool, True = real token -> (b, s, s) bool: causal, never attending to padding.
+
+    Each position also attends to itself, so a padding row is never empty (an empty softmax row gives NaN, and
+    NaN values leak into real rows through the zero attention weight: 0 * NaN = NaN).
+    """
+    s = padding_mask.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=padding_mask.device).tril()
+    mask = causal[None] & padding_mask[:, None, :]
+    return mask | torch.eye(s, dtype=torch.bool, device=padding_mask.device)[None]
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    pad_id: int = 0,
+    stop_tokens: Sequence[int] | None = None,
+    encoder_input: dict[str, Any] | None = None,
+    encoder_mask: torch.Tensor | None = None,
+    use_cache: bool = True,
+    stop_early: bool = True,
+) -> torch.Tensor:
+    """Greedy decoding (argmax each step).
+
+    Args:
+        model: ``DeepFusionModel`` or ``TransformerDecoder`` (``forward(tokens, mask=, encoder_input=,
+            encoder_mask=, input_pos=)``, ``setup_caches``, ``delete_caches``).
+        prompt: left-padded prompt ids (b, s).
+        max_new_tokens: most tokens generated.
+        pad_id: padding id of the prompt; also written after a row has stopped.
+        stop_tokens: ids that end a row (kept in the output).
+        encoder_input, encoder_mask: see the module docstring.
+        use_cache: KV caches (True) or full recomputation each step (False).
+        stop_early: stop once every row has stopped. Turn off under FSDP, where every rank must run the same
+            number of forward passes.
+
+    The model's caches are removed on return, so training can continue with the same module.
+    """
+    if prompt.ndim != 2:
+        raise ValueError(f"prompt must be (batch, seq_len), got shape {tuple(prompt.shape)}")
+    b, s = prompt.shape
+    device = prompt.device
+    total = s + max_new_tokens
+    stops = torch.tensor(list(stop_tokens or []), dtype=torch.long, device=device)
+
+    padding = prompt != pad_id
+    full_padding = torch.cat([padding, torch.ones(b, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+    mask = causal_mask_from_padding(full_padding)  # (b, total, total)
+    positions = (full_padding.long().cumsum(dim=1) - 1).clamp(min=0)  # left padding shifts positions right
+    last_encoder_row = encoder_mask[:, -1:] if encoder_mask is not None else None
+
+    tokens = prompt
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        if use_cache:
+            encoder_len = encoder_mask.shape[-1] if encoder_mask is not None else None
+            model.setup_caches(b, _param_dtype(model), encoder_max_seq_len=encoder_len, decoder_max_seq_len=total)
+            logits = model(prompt, mask=mask[:, :s, :s], encoder_input=encoder_input, encoder_mask=encoder_mask,
+                           input_pos=positions[:, :s])
+        else:
+            logits = model(prompt, mask=mask[:, :s, :s], encoder_input=encoder_input, encoder_mask=encoder_mask,
+                           input_pos=positions[:, :s])
+        for step in range(max_new_tokens):
+            next_token = logits[:, -1].argmax(dim=-1)
+            next_token = torch.where(done, torch.full_like(next_token, pad_id), next_token)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            if stops.numel():
+                done = done | torch.isin(next_token, stops)
+            if step == max_new_tokens - 1 or (stop_early and bool(done.all())):
+                break
+            cur = s + step  # position of next_token
+            if use_cache:
+                logits = model(next_token[:, None], mask=mask[:, cur : cur + 1, : cur + 1], encoder_input=None,
+                               encoder_mask=last_encoder_row, input_pos=positions[:, cur : cur + 1])
+            else:
+                rows = None
+                if encoder_mask is not None:
+                    rows = torch.cat([encoder_mask, last_encoder_row.expand(-1, cur + 1 - s, -1)], dim=1)
+                logits = model(tokens, mask=mask[:, : cur + 1, : cur + 1], encoder_input=encoder_input,
+                               encoder_mask=rows, input_pos=positions[:, : cur + 1])
+    finally:
+        if use_cache and hasattr(model, "delete_caches"):
+            model.delete_caches()
+        model.train(was_training)
+    return tokens

@@ -1,0 +1,111 @@
+"""LoRA adapters (torchtune's ``LoRALinear``): ``y = W x + b + (alpha / rank) * B(A(dropout(x)))``.
+
+State-dict keys: the base ``weight`` (and ``bias``) keep the name of the ``nn.Linear`` they replace, the adapters
+add ``lora_a.weight`` (rank, in_dim) and ``lora_b.weight`` (out_dim, rank), as torchtune. ``lora_b`` starts at
+zero, so a freshly adapted model computes exactly what the original did.
+
+Shapes: x (..., in_dim) -> (..., out_dim).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LORA_ATTN_MODULES", "LoRALinear", "apply_lora", "lora_param_names"]
+
+LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update.
+
+    Args:
+        in_dim, out_dim: linear shapes.
+        rank: rank of the update.
+        alpha: scaling numerator (the update is multiplied by ``alpha / rank``).
+        dropout: dropout on the adapter input.
+        use_bias: whether the base layer has a bias.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float = 0.0,
+                 use_bias: bool = False) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.in_dim, self.out_dim, self.rank, self.alpha = in_dim, out_dim, rank, alpha
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
+        self.bias = nn.Parameter(torch.zeros(out_dim)) if use_bias else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_a = nn.Linear(in_dim, rank, bias=False)
+        self.lora_b = nn.Linear(rank, out_dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> "LoRALinear":
+        """Adapter around an existing layer's weights (shared, not copied; same device and dtype)."""
+        device, dtype = linear.weight.device, linear.weight.dtype
+        with torch.device("meta"):
+            lora = cls(linear.in_features, linear.out_features, rank, alpha, dropout, linear.bias is not None)
+        lora.weight = linear.weight
+        if linear.bias is not None:
+            lora.bias = linear.bias
+        lora.lora_a = nn.Linear(linear.in_features, rank, bias=False, device=device, dtype=dtype)
+        lora.lora_b = nn.Linear(rank, linear.out_features, bias=False, device=device, dtype=dtype)
+        if device.type != "meta":
+            nn.init.kaiming_uniform_(lora.lora_a.weight, a=math.sqrt(5))
+            nn.init.zeros_(lora.lora_b.weight)
+        return lora
+
+    def adapter_params(self) -> list[str]:
+        return ["lora_a.weight", "lora_b.weight"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        return out + self.lora_b(self.lora_a(self.dropout(x))) * (self.alpha / self.rank)
+
+
+def apply_lora(
+    model: nn.Module,
+    target_modules: Iterable[str] = ("q_proj", "v_proj"),
+    *,
+    rank: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    scope: str = "",
+) -> list[str]:
+    """Replace every ``nn.Linear`` whose attribute name is in ``target_modules`` (under the submodule path
+    ``scope``, '' = everywhere) by a ``LoRALinear`` sharing its weights; adapters are trainable, the base keeps its
+    ``requires_grad``. Returns the full names of the adapter parameters."""
+    targets = set(target_modules)
+    unknown = targets - set(LORA_ATTN_MODULES) - {"w1", "w2", "w3", "output"}
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; choose from {list(LORA_ATTN_MODULES)}")
+    replaced: list[str] = []
+    for parent_name, parent in list(model.named_modules()):
+        if scope and not (parent_name == scope or parent_name.startswith(scope + ".")):
+            continue
+        for child_name, child in list(parent.named_children()):
+            if child_name in targets and type(child) is nn.Linear:
+                setattr(parent, child_name, LoRALinear.from_linear(child, rank, alpha, dropout))
+                full = f"{parent_name}.{child_name}" if parent_name else child_name
+                replaced += [f"{full}.lora_a.weight", f"{full}.lora_b.weight"]
+    return replaced
+
+
+def lora_param_names(model: nn.Module) -> list[str]:
+    """Full names of every LoRA adapter parameter in ``model``."""
+    names = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            names += [f"{module_name}.{p}" if module_name else p for p in module.adapter_params()]
+    return names
