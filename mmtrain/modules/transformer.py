@@ -49,16 +49,18 @@ class RMSNorm(nn.Module):
 
 
 class Fp32LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 (stable under bf16), output cast back to the input dtype."""
+    """LayerNorm computed in float32 or wider (stable under bf16), output cast back to the input dtype."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dtype in (torch.bfloat16, torch.float16) and (self.weight is None or self.weight.dtype == input.dtype):
             # The layer_norm kernels accumulate half inputs in float32 and the half weights are exact in float32,
             # so this is the same computation without materialising (and saving for backward) float32 copies.
             return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        out = F.layer_norm(input.float(), self.normalized_shape, weight, bias, self.eps)
+        # At least float32 (float64 inputs stay float64, so float64 references can check it exactly).
+        dtype = torch.promote_types(input.dtype, torch.float32)
+        weight = self.weight.to(dtype) if self.weight is not None else None
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        out = F.layer_norm(input.to(dtype), self.normalized_shape, weight, bias, self.eps)
         return out.type_as(input)
 
 

@@ -9,6 +9,7 @@ by ``max_num_tiles`` -> resize without distortion (limited upscaling) -> pad bot
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -44,7 +45,9 @@ def decode_image(image: Any) -> torch.Tensor:
                     data = f.read()
             else:
                 data = bytes(image)
-            tensor = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            with warnings.catch_warnings():  # torchvision >= 0.29 flags its decoders as deprecated; they still work
+                warnings.simplefilter("ignore", DeprecationWarning)
+                tensor = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except (OSError, RuntimeError, ValueError) as err:
             raise DataError(f"{where}: cannot decode image ({str(err).splitlines()[0] if str(err) else err})") from err
     else:  # PIL image

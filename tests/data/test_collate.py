@@ -1,0 +1,73 @@
+"""Fusion collator: text, tiles, images, aspect ratios and cross-attention masks padded as torchtune does."""
+
+import pytest
+import torch
+
+from mmtrain.data.collate import padded_collate_tiled_images_and_mask
+
+TPT = 5  # tokens per tile
+
+
+def _batch():
+    return [
+        {
+            "tokens": [1, 2, 1, 3], "labels": [4, 5, 6, 7],
+            "encoder_input": {"images": [torch.ones(2, 1, 1, 1), 2 * torch.ones(3, 1, 1, 1)],
+                              "aspect_ratio": [torch.tensor([1, 2]), torch.tensor([1, 3])]},
+            "encoder_mask": [torch.tensor([[1], [1], [0], [0]]).bool().expand(4, TPT * 2),
+                             torch.tensor([[0], [0], [1], [1]]).bool().expand(4, TPT * 3)],
+        },
+        {
+            "tokens": [1, 4], "labels": [8, 9],
+            "encoder_input": {"images": [3 * torch.ones(4, 1, 1, 1)], "aspect_ratio": [torch.tensor([2, 2])]},
+            "encoder_mask": [torch.ones(2, TPT * 4, dtype=torch.bool)],
+        },
+    ]
+
+
+def test_page_example_shapes_and_padding():
+    out = padded_collate_tiled_images_and_mask(_batch())
+    assert out["tokens"].tolist() == [[1, 2, 1, 3], [1, 4, 0, 0]]
+    assert out["labels"].tolist() == [[4, 5, 6, 7], [8, 9, -100, -100]]
+    images = out["encoder_input"]["images"]
+    assert images.shape == (2, 2, 4, 1, 1, 1)
+    assert images[0, 0].flatten().tolist() == [1, 1, 0, 0]
+    assert images[0, 1].flatten().tolist() == [2, 2, 2, 0]
+    assert images[1, 0].flatten().tolist() == [3, 3, 3, 3]
+    assert images[1, 1].flatten().tolist() == [0, 0, 0, 0]
+    assert out["encoder_input"]["aspect_ratio"].tolist() == [[[1, 2], [1, 3]], [[2, 2], [1, 1]]]
+    assert out["encoder_mask"].shape == (2, 4, 40)
+
+
+def test_each_image_keeps_its_own_mask_block():
+    # torchtune reshapes (bsz, n_imgs, seq, L) with .view(bsz, seq, -1), mixing images and rows for n_imgs > 1;
+    # here column block j is image j's mask, row for row.
+    mask = padded_collate_tiled_images_and_mask(_batch())["encoder_mask"]
+    block = 4 * TPT
+    first, second = mask[0, :, :block], mask[0, :, block:]
+    assert first[:, : 2 * TPT].tolist() == [[True] * 10, [True] * 10, [False] * 10, [False] * 10]
+    assert not first[:, 2 * TPT:].any()  # padding tiles
+    assert second[:, : 3 * TPT].tolist() == [[False] * 15, [False] * 15, [True] * 15, [True] * 15]
+    assert not second[:, 3 * TPT:].any()
+    assert mask[1, :2, :block].all() and not mask[1, 2:].any() and not mask[1, :, block:].any()
+
+
+def test_options_and_errors():
+    out = padded_collate_tiled_images_and_mask(_batch(), pad_max_tiles=5, pad_max_images=3, pad_to_multiple_of=3,
+                                               padding_idx=7, ignore_idx=-1)
+    assert out["tokens"].shape == (2, 6) and out["tokens"][1].tolist() == [1, 4, 7, 7, 7, 7]
+    assert out["labels"][1].tolist() == [8, 9, -1, -1, -1, -1]
+    assert out["encoder_input"]["images"].shape == (2, 2, 5, 1, 1, 1)
+    assert out["encoder_mask"].shape == (2, 6, 3 * 5 * TPT)
+    left = padded_collate_tiled_images_and_mask(_batch(), pad_direction="left")
+    assert left["tokens"].tolist() == [[1, 2, 1, 3], [0, 0, 1, 4]] and "labels" not in left
+    assert left["encoder_mask"][1, 2:, : 4 * TPT].all() and not left["encoder_mask"][1, :2].any()
+    with pytest.raises(ValueError, match="pad_direction"):
+        padded_collate_tiled_images_and_mask(_batch(), pad_direction="up")
+    with pytest.raises(ValueError, match="pad_max_tiles"):
+        padded_collate_tiled_images_and_mask(_batch(), pad_max_tiles=3)
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        padded_collate_tiled_images_and_mask(_batch(), pad_direction="left", pad_to_multiple_of=2)
+    text_only = padded_collate_tiled_images_and_mask(
+        [{"tokens": [1], "labels": [1], "encoder_input": {"images": [], "aspect_ratio": []}}])
+    assert set(text_only) == {"tokens", "labels"}
