@@ -1,0 +1,237 @@
+"""Benchmark: training step (forward + backward + AdamW) of the Llama 3.2 11B-Vision-shaped encoder, bf16.
+
+Input per step: images (batch, images, tiles, 3, 560, 560) with every image a 2x2 tile grid, i.e. 1601 tokens per
+tile and ``images * tiles * 1601`` tokens per sequence. Reports tiles/s (median over timed steps, CUDA events after
+warm-up), counted TFLOP/s (torch.utils.flop_counter over one real step), MFU against the measured bf16 matmul peak,
+and peak memory; torchtune's ``llama3_2_vision_encoder`` runs in the same process when ``import torchtune`` works.
+
+    mmtrain bench vision_encoder [--steps 10] [--no-compile] [--ac] [--out bench_results/vision_encoder.json]
+    mmtrain bench vision_encoder --smoke      # tiny CPU run (tests use it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mmtrain.models.llama3_2_vision._component_builders import llama3_2_vision_encoder
+
+ELEVEN_B = dict(patch_size=14, num_heads=16, clip_embed_dim=1280, clip_num_layers=32,
+                clip_hidden_states=[3, 7, 15, 23, 30], num_layers_projection=8, decoder_embed_dim=4096,
+                tile_size=560, max_num_tiles=4, in_channels=3)
+SMOKE = dict(patch_size=2, num_heads=2, clip_embed_dim=16, clip_num_layers=2, clip_hidden_states=[0],
+             num_layers_projection=1, decoder_embed_dim=8, tile_size=4, max_num_tiles=2, in_channels=3)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mmtrain bench vision_encoder", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny config on CPU, 2 steps (for tests)")
+    p.add_argument("--out", default="bench_results/vision_encoder.json", help="JSON results file")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--tiles", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true", help="skip the regionally compiled mmtrain variant")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager mmtrain variant")
+    p.add_argument("--ac", action="store_true", help="also run mmtrain compiled with per-layer activation checkpointing")
+    p.add_argument("--no-torchtune", action="store_true", help="do not run torchtune even if importable")
+    return p.parse_args(argv)
+
+
+def _inputs(cfg: dict[str, Any], batch: int, images: int, tiles: int, device: torch.device,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    size = cfg["tile_size"]
+    torch.manual_seed(0)
+    pixels = torch.randn(batch, images, tiles, 3, size, size, device=device, dtype=dtype)
+    rows = 2 if tiles >= 4 else 1
+    cols = max(1, tiles // rows)
+    aspect = torch.tensor([rows, cols], device=device).expand(batch, images, 2).contiguous()
+    return pixels, aspect
+
+
+def _checkpoint_layers(model: nn.Module) -> None:
+    """Wrap every repeated layer in activation checkpointing (non-reentrant)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layer_modules():
+        forward = layer.forward
+
+        def checkpointed(*args: Any, _forward: Callable = forward, **kwargs: Any) -> Any:
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = checkpointed  # type: ignore[method-assign]
+
+
+def _run_variant(name: str, build: Callable[[], nn.Module], args: argparse.Namespace, cfg: dict[str, Any],
+                 device: torch.device, dtype: torch.dtype, compile_layers: bool, ac: bool) -> dict[str, Any]:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    model = build().to(device=device, dtype=dtype)
+    model.train()
+    pixels, aspect = _inputs(cfg, args.batch, args.images, args.tiles, device, dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+    def step() -> torch.Tensor:
+        out = model(pixels, aspect)
+        loss = out.float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    flops = None
+    try:  # counted FLOPs of one step, eager (compile does not change the math)
+        from mmtrain.training.throughput import count_flops
+
+        flops, _ = count_flops(step)
+    except Exception:  # noqa: BLE001 - the counter is best effort; timings still stand
+        flops = None
+
+    if ac and hasattr(model, "layer_modules"):
+        _checkpoint_layers(model)
+    if compile_layers:
+        layers = model.layer_modules() if hasattr(model, "layer_modules") else (
+            list(model.clip.layers) + list(model.projection.layers))
+        for layer in layers:
+            layer.compile()
+
+    for _ in range(args.warmup):
+        step()
+    times: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        peak = None
+    seconds = statistics.median(times)
+    n_tiles = args.batch * args.images * args.tiles
+    result: dict[str, Any] = {
+        "name": name,
+        "step_s_median": seconds,
+        "tiles_per_s": n_tiles / seconds,
+        "flops_per_step": flops,
+        "tflops_per_s": (flops / seconds / 1e12) if flops else None,
+        "peak_memory_gib": (peak / 2**30) if peak is not None else None,
+        "params": sum(p.numel() for p in model.parameters()),
+        "compiled": compile_layers,
+        "activation_checkpointing": ac,
+    }
+    del model, optimizer, pixels, aspect
+    return result
+
+
+def _torchtune_builder(cfg: dict[str, Any]) -> Callable[[], nn.Module] | None:
+    try:
+        from torchtune.models.llama3_2_vision import llama3_2_vision_encoder as tt_encoder
+    except Exception:  # noqa: BLE001 - torchtune absent or incompatible with this torch: skip the peer
+        return None
+    return lambda: tt_encoder(**cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(list(argv or []))
+    if args.smoke:
+        cfg, device, dtype = SMOKE, torch.device("cpu"), torch.float32
+        args.batch, args.images, args.tiles = 1, 2, 2
+        args.steps, args.warmup = 2, 1
+        args.no_compile, args.ac, args.no_torchtune = True, False, True
+    else:
+        cfg = ELEVEN_B
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    results: list[dict[str, Any]] = []
+    ours = lambda: llama3_2_vision_encoder(**cfg)  # noqa: E731
+    if not args.no_eager:
+        results.append(_run_variant("mmtrain eager", ours, args, cfg, device, dtype, compile_layers=False, ac=False))
+    if not args.no_compile:
+        results.append(_run_variant("mmtrain compiled", ours, args, cfg, device, dtype, compile_layers=True,
+                                    ac=False))
+    if args.ac:
+        results.append(_run_variant("mmtrain compiled+ac", ours, args, cfg, device, dtype,
+                                    compile_layers=not args.no_compile, ac=True))
+    torchtune_version = None
+    if not args.no_torchtune:
+        builder = _torchtune_builder(cfg)
+        if builder is not None:
+            import torchtune
+
+            torchtune_version = getattr(torchtune, "__version__", "unknown")
+            results.append(_run_variant("torchtune eager", builder, args, cfg, device, dtype,
+                                        compile_layers=False, ac=False))
+
+    peak_flops = None
+    if device.type == "cuda":
+        try:
+            from mmtrain.training.throughput import measure_peak_flops
+
+            peak_flops = measure_peak_flops(device, torch.bfloat16)
+        except Exception:  # noqa: BLE001
+            peak_flops = None
+    for r in results:
+        r["mfu"] = (r["tflops_per_s"] * 1e12 / peak_flops) if (peak_flops and r["tflops_per_s"]) else None
+    baseline = next((r for r in results if r["name"] == "torchtune eager"), None)
+    if baseline:
+        for r in results:
+            r["speedup_vs_torchtune"] = r["tiles_per_s"] / baseline["tiles_per_s"]
+            if r["peak_memory_gib"] and baseline["peak_memory_gib"]:
+                r["memory_vs_torchtune"] = r["peak_memory_gib"] / baseline["peak_memory_gib"]
+
+    report = {
+        "benchmark": "vision_encoder",
+        "smoke": args.smoke,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "torchtune": torchtune_version,
+        "dtype": str(dtype),
+        "config": cfg,
+        "batch": {"batch": args.batch, "images": args.images, "tiles": args.tiles},
+        "timed_steps": args.steps,
+        "warmup_steps": args.warmup,
+        "measured_bf16_peak_tflops": peak_flops / 1e12 if peak_flops else None,
+        "results": results,
+    }
+    header = f"{'variant':<22}{'tiles/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'vs tt':>8}"
+    print(header)
+    for r in results:
+        fmt = lambda v, f: (f % v) if v is not None else "-"  # noqa: E731
+        print(f"{r['name']:<22}{fmt(r['tiles_per_s'], '%.2f'):>10}{fmt(r['tflops_per_s'], '%.1f'):>10}"
+              f"{fmt(r['mfu'], '%.2f'):>8}{fmt(r['peak_memory_gib'], '%.1f'):>10}"
+              f"{fmt(r.get('speedup_vs_torchtune'), '%.2fx'):>8}")
+    out_dir = os.path.dirname(args.out)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(__import__("sys").argv[1:]))
