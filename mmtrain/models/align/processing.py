@@ -121,7 +121,7 @@ class EfficientNetImageProcessor:
                 array = np.repeat(array[:, :, None], 3, axis=2)
             if array.ndim != 3:
                 raise ValueError(f"an image is HWC or HW, got an array of shape {array.shape}")
-            tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+            tensor = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)
         if tensor.ndim == 2:
             tensor = tensor.unsqueeze(0)
         if tensor.ndim != 3:

@@ -2,7 +2,7 @@
 
 Shapes:
     pixel_values: (B, num_channels, H, W)
-    stem:         (B, round_filters(32), ceil(H/2), ceil(W/2))       3x3 stride-2 conv, TF "same" padding
+    stem:         (B, round_filters(32), H // 2, W // 2)   3x3 stride-2 conv after padding right/bottom by one
     blocks:       MBConv (1x1 expand -> kxk depthwise -> squeeze-excite -> 1x1 project [-> + residual])
     last_hidden_state: (B, C_last, h, w)   C_last = round_filters(out_channels[-1]); no top 1x1 conv
     pooler_output:     (B, C_last)         global mean (or max) over h, w
