@@ -32,8 +32,9 @@ def orthogonal_gaussian(dim_input: int, count: int, device: torch.device | None 
     blocks = []
     for _ in range(math.ceil(count / dim_input)):
         gaussian = torch.randn(dim_input, dim_input, device=device)
-        q, _ = torch.linalg.qr(gaussian)
-        blocks.append(q)
+        q, r = torch.linalg.qr(gaussian)
+        # QR's sign convention biases Q; fixing the signs by R's diagonal makes Q uniformly (Haar) distributed.
+        blocks.append(q * torch.sign(torch.diagonal(r))[None, :])
     return torch.cat(blocks, dim=1)[:, :count]
 
 
