@@ -53,6 +53,7 @@ def generate(
     encoder_mask: torch.Tensor | None = None,
     use_cache: bool = True,
     stop_early: bool = True,
+    cache_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Greedy decoding (argmax each step).
 
@@ -67,6 +68,8 @@ def generate(
         use_cache: KV caches (True) or full recomputation each step (False).
         stop_early: stop once every row has stopped. Turn off under FSDP, where every rank must run the same
             number of forward passes.
+        cache_dtype: dtype of the KV caches (default: the parameters' dtype; pass the compute dtype under
+            FSDP mixed precision, where parameters stay float32 but keys and values are bf16).
 
     The model's caches are removed on return, so training can continue with the same module.
     """
@@ -90,7 +93,7 @@ def generate(
     try:
         if use_cache:
             encoder_len = encoder_mask.shape[-1] if encoder_mask is not None else None
-            model.setup_caches(b, _param_dtype(model), encoder_max_seq_len=encoder_len, decoder_max_seq_len=total)
+            model.setup_caches(b, cache_dtype or _param_dtype(model), encoder_max_seq_len=encoder_len, decoder_max_seq_len=total)
             logits = model(prompt, mask=mask[:, :s, :s], encoder_input=encoder_input, encoder_mask=encoder_mask,
                            input_pos=positions[:, :s])
         else:

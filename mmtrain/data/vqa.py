@@ -42,6 +42,7 @@ __all__ = [
     "ChatVQADataset",
     "ShapesVQA",
     "VQATokenizer",
+    "build_prompt",
     "chat_vqa_dataset",
     "shapes_vqa_dataset",
     "vqa_tokenizer",
@@ -199,6 +200,26 @@ class _VQABase(torch.utils.data.Dataset):
             raise DataError(f"sample {index}: no assistant message to evaluate against")
         answer = self.tokenizer.decode(self.tokenizer.encode(_content_text(messages[last]["content"])))
         return self._build(messages[:last], images, inference=True), answer
+
+
+class _SingleImagePrompt(_VQABase):
+    def __init__(self, tokenizer: VQATokenizer, image: Any, prompt: str, **tiling: int) -> None:
+        super().__init__(tokenizer, **tiling)
+        text = prompt if IMAGE_TOKEN in prompt else IMAGE_TOKEN + prompt
+        self.messages = [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        self.image = image
+
+    def _messages(self, index: int) -> tuple[list[dict], list[Any]]:
+        return self.messages, [self.image]
+
+
+def build_prompt(tokenizer: VQATokenizer, image: Any, prompt: str, *, tile_size: int, patch_size: int,
+                 max_num_tiles: int = 1) -> dict[str, Any]:
+    """One generation sample (tokens end with ``<|assistant|>``) for an image (path, PIL or tensor) and a
+    question; ``<|image|>`` is put in front of the question unless the question places it."""
+    dataset = _SingleImagePrompt(tokenizer, image, prompt, tile_size=tile_size, patch_size=patch_size,
+                                 max_num_tiles=max_num_tiles)
+    return dataset.prompt_sample(0)[0]
 
 
 # ---- built-in task ---------------------------------------------------------------------------------------------

@@ -63,6 +63,14 @@ class FusionLayer(nn.Module):
             if not local.startswith("fusion_layer.") and not local.startswith("layer."):
                 state_dict[prefix + "layer." + local] = state_dict.pop(key)
 
+    def __getattr__(self, name: str) -> Any:
+        # State-dict keys omit ``layer.``; tools that walk those keys as attribute paths (torch.distributed
+        # checkpoint's get_model_state_dict) find the wrapped layer's children here.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("layer"), name)
+
     def setup_caches(self, batch_size: int, dtype: torch.dtype, *, encoder_max_seq_len: int,
                      decoder_max_seq_len: int) -> None:
         for part in (self.layer, self.fusion_layer):
@@ -116,6 +124,11 @@ class FusionEmbedding(nn.Module):
     def _add_embedding_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
         if prefix + "weight" in state_dict:
             state_dict[prefix + "embedding.weight"] = state_dict.pop(prefix + "weight")
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The original table, under the key the state dict uses (attribute-path walkers find it here)."""
+        return self.embedding.weight
 
     def fusion_params(self) -> list[str]:
         return ["fusion_embedding.weight"]

@@ -1,0 +1,291 @@
+"""Fine-tune a Llama 3.2 Vision-style fusion model (decoder cross-attending to a tiled image encoder) on VQA.
+
+One step: a batch of interleaved image + text samples (``tokens`` (b, s), ``labels`` (b, s) with -100 outside the
+answers, ``encoder_input.images`` (b, i, t, 3, H, W), ``encoder_mask`` (b, s, i*t*e)) -> logits (b, s, vocab) ->
+next-token cross-entropy on answer tokens only. Evaluation decodes greedy answers for the validation split
+(KV caches, encoder run once per prompt) and logs ``val/answer_acc`` (exact match) to metrics.jsonl.
+
+Config keys: output_dir, seed, max_steps, resume, batch_size, precision (fp32|bf16), compile (none|regional|whole),
+activation_checkpointing, distributed.{strategy,world_size}, checkpoint.{every_n_steps,keep}, eval.{every_n_steps,
+batch_size,max_new_tokens,max_samples}, log.{every_n_steps,wandb,progress_bar}, tokenizer, dataset, model,
+optimizer, lr_scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from mmtrain.config import instantiate
+from mmtrain.errors import ConfigError
+
+IGNORE = -100
+
+
+def _world_size_for(cfg: DictConfig) -> int:
+    ws = OmegaConf.select(cfg, "distributed.world_size")
+    if ws:
+        return int(ws)
+    return int(os.environ.get("WORLD_SIZE", OmegaConf.select(cfg, "distributed.nproc_per_node") or 1))
+
+
+def validate(cfg: DictConfig, report: Any) -> None:
+    """Parameter counts and the estimated memory per GPU for the configured sharding and precision."""
+    from mmtrain.models.llama3_2_vision._memory import count_parameters, estimate_memory
+
+    if "model" not in cfg:
+        report.error("model", "missing: vlm_finetune needs a fusion model")
+        return
+    try:
+        with torch.device("meta"):
+            model = instantiate(cfg.model)
+    except Exception:  # the generic validation already reported why the model does not build
+        return
+    total, trainable = count_parameters(model)
+    report.info(f"model: {total:,} parameters ({total / 1e9:.2f}B), {trainable:,} trainable "
+                f"({100 * trainable / max(total, 1):.1f}%)")
+    strategy = str(OmegaConf.select(cfg, "distributed.strategy") or "none")
+    world = _world_size_for(cfg)
+    precision = str(cfg.get("precision", "fp32"))
+    if strategy not in ("none", "ddp", "fsdp"):
+        report.error("distributed.strategy", f"expected none, ddp or fsdp, got {strategy!r}")
+        return
+    if precision not in ("fp32", "bf16"):
+        report.error("precision", f"expected fp32 or bf16, got {precision!r}")
+    batch = int(cfg.get("batch_size", 1))
+    if batch % world:
+        report.error("batch_size", f"global batch {batch} is not divisible by the world size {world}")
+    patch = int(OmegaConf.select(cfg, "model.patch_size") or 14)
+    tile = int(OmegaConf.select(cfg, "model.image_size") or 560)
+    tiles = int(OmegaConf.select(cfg, "memory.tiles_per_image") or OmegaConf.select(cfg, "model.max_num_tiles") or 1)
+    estimate = estimate_memory(
+        model, strategy=strategy, world_size=world, precision=precision, batch_size=batch,
+        seq_len=int(OmegaConf.select(cfg, "memory.seq_len") or OmegaConf.select(cfg, "tokenizer.max_seq_len") or 512),
+        tiles_per_image=tiles, tokens_per_tile=(tile // patch) ** 2 + 1,
+        activation_checkpointing=bool(cfg.get("activation_checkpointing", False)))
+    report.info(f"memory ({strategy}, {world} GPU{'s' if world > 1 else ''}, {precision}, global batch {batch}): "
+                f"{estimate.describe()}")
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, dict):
+            out[key] = _to_device(value, device)
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.to(device, non_blocking=True)
+        else:
+            out[key] = value
+    return out
+
+
+def _batch_indices(step: int, batch_size: int, num_samples: int, seed: int) -> list[int]:
+    """Global sample indices of optimizer step ``step`` (0-based): a fresh permutation each epoch, a function of
+    (seed, step) alone, so a resumed run sees exactly the batches the uninterrupted run would have."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), num_samples)
+        perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(batch_size - len(out), num_samples - offset)
+        out += perm[offset: offset + take].tolist()
+    return out
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts labels[t + 1]; -100 labels (prompt, padding) are ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def evaluate_answers(model, dataset, tokenizer, *, device, batch_size: int, max_new_tokens: int,
+                     max_samples: int | None, rank: int, world_size: int, cache_dtype=None) -> dict[str, float]:
+    """Greedy answers on ``dataset.prompt_sample(i)``; exact match after tokenizer normalisation."""
+    from mmtrain.data.collate import padded_collate_tiled_images_and_mask
+    from mmtrain.generation import generate
+
+    n = len(dataset) if not max_samples else min(len(dataset), int(max_samples))
+    mine = list(range(rank, n, world_size))
+    per_rank = math.ceil(n / world_size)
+    num_batches = math.ceil(per_rank / batch_size)
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    examples: list[tuple[str, str]] = []
+    for b in range(num_batches):
+        chunk = mine[b * batch_size: (b + 1) * batch_size]
+        weights = [1.0] * len(chunk)
+        if not chunk:  # every rank runs the same number of forward passes (FSDP collectives)
+            chunk, weights = [0], [0.0]
+        prompts, answers = zip(*(dataset.prompt_sample(i) for i in chunk))
+        batch = _to_device(padded_collate_tiled_images_and_mask(list(prompts), padding_idx=tokenizer.pad_id,
+                                                                pad_direction="left"), device)
+        out = generate(model, batch["tokens"], max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id,
+                       stop_tokens=tokenizer.stop_tokens, encoder_input=batch["encoder_input"],
+                       encoder_mask=batch["encoder_mask"], stop_early=world_size == 1, cache_dtype=cache_dtype)
+        generated = out[:, batch["tokens"].shape[1]:].tolist()
+        for row, answer, w in zip(generated, answers, weights):
+            if tokenizer.eot_id in row:
+                row = row[: row.index(tokenizer.eot_id)]
+            predicted = tokenizer.decode(row)
+            correct[0] += w * float(predicted == answer)
+            correct[1] += w
+            if w and len(examples) < 3:
+                examples.append((predicted, answer))
+    if world_size > 1:
+        torch.distributed.all_reduce(correct)
+    return {"val/answer_acc": float(correct[0] / correct[1].clamp(min=1)), "examples": examples}
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def main(cfg: DictConfig) -> dict:
+    from mmtrain.data.collate import padded_collate_tiled_images_and_mask
+    from mmtrain.models.llama3_2_vision._memory import count_parameters
+    from mmtrain.training.checkpoint import CheckpointManager
+    from mmtrain.training.distributed import (
+        all_reduce_mean,
+        apply_activation_checkpointing,
+        compile_model,
+        destroy,
+        init_distributed,
+        split_global_batch,
+        unwrap_model,
+        wrap_model,
+    )
+    from mmtrain.training.metrics import MetricLogger
+
+    t_start = time.perf_counter()
+    seed = int(cfg.get("seed", 0))
+    torch.manual_seed(seed)
+    dist_info = init_distributed(cfg.get("device", "auto"))
+    device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
+    output_dir = str(cfg.output_dir)
+    max_steps = int(cfg.max_steps)
+    precision = str(cfg.get("precision", "fp32"))
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision: expected fp32 or bf16, got {precision!r}")
+    strategy = str(OmegaConf.select(cfg, "distributed.strategy") or "none")
+    split = split_global_batch(int(cfg.batch_size), world, OmegaConf.select(cfg, "micro_batch_size"))
+
+    tokenizer = instantiate(cfg.tokenizer)
+    train_ds = instantiate(cfg.dataset, split="train", tokenizer=tokenizer)
+    val_ds = instantiate(cfg.dataset, split="validation", tokenizer=tokenizer)
+
+    model = instantiate(cfg.model)
+    embeddings = model.decoder.tok_embeddings
+    base_vocab = getattr(getattr(embeddings, "embedding", embeddings), "num_embeddings")
+    if not base_vocab <= tokenizer.image_token_id < getattr(embeddings, "num_embeddings", base_vocab):
+        raise ConfigError(f"tokenizer.image_token_id: {tokenizer.image_token_id} must be one of the model's fusion "
+                          f"tokens [{base_vocab}, {embeddings.num_embeddings})")
+    if tokenizer.vocab_size > base_vocab:
+        raise ConfigError(f"model.vocab_size: {base_vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    total_params, trainable_params = count_parameters(model)
+
+    if cfg.get("activation_checkpointing", False):
+        apply_activation_checkpointing(model)
+    compile_model(model, mode=str(cfg.get("compile", "none") or "none"))
+    fsdp_mp = precision if strategy == "fsdp" else None
+    model = wrap_model(model, strategy=strategy, device=device, mixed_precision=fsdp_mp,
+                       find_unused_parameters=False)
+    inner = unwrap_model(model)
+    use_autocast = precision == "bf16" and not (strategy == "fsdp" and world > 1)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
+    compute_dtype = torch.bfloat16 if precision == "bf16" and strategy == "fsdp" and world > 1 else None
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("model: nothing is trainable (set decoder_trainable, encoder_trainable or "
+                          "fusion_trainable, or lora_attn_modules)")
+    optimizer = instantiate(cfg.optimizer)(params)
+    scheduler = instantiate(cfg.lr_scheduler)(optimizer) if cfg.get("lr_scheduler") else None
+
+    log_cfg = cfg.get("log", {}) or {}
+    logger = MetricLogger(output_dir, rank=rank, total_steps=max_steps, wandb=log_cfg.get("wandb", False),
+                          run_config=OmegaConf.to_container(cfg, resolve=True),
+                          progress_bar=log_cfg.get("progress_bar", True))
+    ckpt = CheckpointManager(output_dir, keep=OmegaConf.select(cfg, "checkpoint.keep") or 2, log_fn=logger.print)
+    start_step = 0
+    resume_path = ckpt.resolve_resume(cfg.get("resume", "auto"))
+    if resume_path is not None:
+        start_step = int(ckpt.load(resume_path, model, optimizer, scheduler)["step"])
+    logger.print(f"vlm_finetune: {total_params:,} parameters, {trainable_params:,} trainable; {len(train_ds)} "
+                 f"train / {len(val_ds)} validation samples; {world} process(es), {strategy}, {precision}, "
+                 f"device {device}" + (f"; resumed at step {start_step}" if start_step else ""))
+
+    eval_cfg = cfg.get("eval", {}) or {}
+    eval_every = int(eval_cfg.get("every_n_steps", 0) or 0)
+    ckpt_every = int(OmegaConf.select(cfg, "checkpoint.every_n_steps") or 0)
+    log_every = int(log_cfg.get("every_n_steps", 10) or 10)
+
+    def run_eval(step: int) -> dict[str, float]:
+        result = evaluate_answers(inner, val_ds, tokenizer, device=device,
+                                  batch_size=int(eval_cfg.get("batch_size", 64)),
+                                  max_new_tokens=int(eval_cfg.get("max_new_tokens", 4)),
+                                  max_samples=eval_cfg.get("max_samples"), rank=rank, world_size=world,
+                                  cache_dtype=compute_dtype)
+        examples = result.pop("examples")
+        logger.log(step, result, prefix="eval")
+        if examples:
+            logger.print("  e.g. " + "; ".join(f"{p!r} (want {a!r})" for p, a in examples))
+        return result
+
+    model.train()
+    last_loss = float("nan")
+    last_eval: dict[str, float] = {}
+    step = start_step
+    t_steps = time.perf_counter()
+    for step in range(start_step + 1, max_steps + 1):
+        indices = _batch_indices(step - 1, split.global_batch_size, len(train_ds), seed)
+        mine = indices[rank * split.per_rank_batch_size: (rank + 1) * split.per_rank_batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for m in range(split.accumulation_steps):
+            micro = mine[m * split.micro_batch_size: (m + 1) * split.micro_batch_size]
+            batch = _to_device(padded_collate_tiled_images_and_mask([train_ds[i] for i in micro],
+                                                                    padding_idx=tokenizer.pad_id), device)
+            with autocast():
+                logits = model(batch["tokens"], encoder_input=batch["encoder_input"],
+                               encoder_mask=batch["encoder_mask"])
+                loss = answer_loss(logits, batch["labels"]) / split.accumulation_steps
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.get("clip_grad_norm", 1.0)))
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if step % log_every == 0 or step == max_steps:
+            last_loss = float(all_reduce_mean(loss_sum.clone()))
+            elapsed = time.perf_counter() - t_steps
+            logger.log(step, {"loss": last_loss, "lr": optimizer.param_groups[0]["lr"],
+                              "grad_norm": float(grad_norm),
+                              "samples_per_s": split.global_batch_size * (step - start_step) / max(elapsed, 1e-9)})
+        logger.advance(1, loss=float(loss_sum))
+        if eval_every and step % eval_every == 0 and step != max_steps:
+            last_eval = run_eval(step)
+        if ckpt_every and step % ckpt_every == 0 and step != max_steps:
+            ckpt.save(step, model, optimizer, scheduler)
+
+    if max_steps > start_step or not last_eval:
+        last_eval = run_eval(max_steps)
+    if max_steps > start_step:
+        ckpt.save(max_steps, model, optimizer, scheduler)
+    logger.close()
+    summary = {"steps": max_steps, "loss": last_loss, **last_eval, "parameters": total_params,
+               "trainable_parameters": trainable_params, "time_s": round(time.perf_counter() - t_start, 1),
+               "output_dir": output_dir}
+    logger.print(f"summary: {max_steps} steps | loss {last_loss:.4f} | val/answer_acc "
+                 f"{last_eval.get('val/answer_acc', float('nan')):.3f} | {summary['time_s']}s | {output_dir}")
+    destroy()
+    return summary
+
+
+if __name__ == "__main__":
+    from mmtrain.config import recipe_entry
+
+    recipe_entry(main)
