@@ -448,7 +448,7 @@ class CheckpointManager:
         if optimizer is not None:
             if not any(k.startswith("optim.") for k in saved):
                 raise CheckpointError(f"{path}: holds no optimizer state")
-            state["optim"] = get_optimizer_state_dict(model, optimizer)
+            state["optim"] = _drop_unsaved_optimizer_state(get_optimizer_state_dict(model, optimizer), saved)
         for section in ("train", "scheduler", "rng"):
             if section == "scheduler" and scheduler is None:
                 continue
@@ -463,7 +463,7 @@ class CheckpointManager:
 
         set_model_state_dict(model, state["model"])
         if optimizer is not None:
-            set_optimizer_state_dict(model, optimizer, state["optim"])
+            set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
         if scheduler is not None:
             scheduler.load_state_dict(_restore_numeric_state(scheduler.state_dict(), state["scheduler"]))
         rng = state["rng"].get(f"rank{_rank()}")
@@ -495,6 +495,19 @@ class CheckpointManager:
                 problems.append(f"{label}: {shown}")
         if problems:
             raise CheckpointError(f"{path}: does not fit the model; " + "; ".join(problems))
+
+
+def _drop_unsaved_optimizer_state(optim_sd: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """Parameters that never had a gradient (e.g. an unused pooler) have no optimizer state in the checkpoint;
+    leave them out of the load instead of failing on "missing key"."""
+    for fqn in list(optim_sd.get("state", {})):
+        entry = optim_sd["state"][fqn]
+        for key in list(entry):
+            if f"optim.state.{fqn}.{key}" not in saved:
+                del entry[key]
+        if not entry:
+            del optim_sd["state"][fqn]
+    return optim_sd
 
 
 def _templates_from_metadata(saved: dict[str, Any], section: str) -> dict[str, Any]:

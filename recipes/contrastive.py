@@ -1,0 +1,410 @@
+"""Train or fine-tune a dual encoder (ALIGN, CLIP, SigLIP) with a contrastive loss; eval recall@k and zero-shot.
+
+One optimizer step, as data flows through it (B = per-rank micro-batch, D = embedding width):
+
+    batch: pixel_values (B, 3, H, W), input_ids (B, L), attention_mask (B, L), index (B,), num_skipped ()
+    ContrastiveTask: image_embeds (B, D), text_embeds (B, D) = model.encode_image / encode_text (L2-normalized)
+                     loss () = loss_fn(image_embeds, text_embeds, model.get_logit_scale(), model.get_logit_bias())
+    x gradient_accumulation_steps micro-batches -> clip grad norm -> NaN policy -> optimizer + schedule step
+
+The global batch is ``batch_size``: each of the world's ranks takes batch_size / world samples per step, in
+``gradient_accumulation_steps`` micro-batches. Around the loop: eval every ``eval.every_n_steps`` and at the end,
+checkpoints every ``checkpoint.every_n_steps`` (resume: auto|none|path), metrics to stdout / metrics.jsonl /
+wandb / TensorBoard, and at the end the exported model, metrics.png and a one-line summary.
+
+Run: ``mmtrain run contrastive --config align_tiny`` (or ``python recipes/contrastive.py --config align_tiny``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mmtrain.config import instantiate
+from mmtrain.data.loader import build_contrastive_loader
+from mmtrain.errors import ConfigError
+from mmtrain.training import distributed as D
+from mmtrain.training.checkpoint import CheckpointManager, export_model
+from mmtrain.training.metrics import MetricLogger
+from mmtrain.training.nonfinite import NonFiniteGuard
+from mmtrain.training.retrieval import caption_ids_from_tokens, gather_eval_outputs, retrieval_metrics
+from mmtrain.training.throughput import count_flops, measure_peak_flops, mfu
+
+
+class ContrastiveTask(nn.Module):
+    """Dual encoder and loss as one module, so DDP/FSDP and the optimizer see the loss's parameters too
+    (SigLIP's bias); the checkpoint holds both. ``forward`` returns (loss (), image_embeds (B, D), text_embeds (B, D)).
+    """
+
+    def __init__(self, model: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        image_embeds = self.model.encode_image(pixel_values)
+        text_embeds = self.model.encode_text(input_ids, attention_mask)
+        loss = self.loss(image_embeds, text_embeds, self.model.get_logit_scale(), self.model.get_logit_bias())
+        return loss, image_embeds, text_embeds
+
+    # The dual-encoder interface, so that FSDP registers these as forward methods (eval calls them).
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, attention_mask)
+
+    def get_logit_scale(self) -> torch.Tensor:
+        return self.model.get_logit_scale()
+
+    def get_logit_bias(self) -> torch.Tensor | None:
+        return self.model.get_logit_bias()
+
+    def layer_modules(self) -> list[nn.Module]:
+        getter = getattr(self.model, "layer_modules", None)
+        return list(getter()) if callable(getter) else []
+
+
+class ContrastiveRecipe:
+    """setup() -> train() (with evaluate() and save_checkpoint()) -> cleanup(); see the module docstring."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.step = 0
+        self.start_time = time.perf_counter()
+        self.last_eval: dict[str, float] = {}
+        self.last_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+
+    # ------------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dist = D.init_distributed(device=cfg.get("device", "auto"))
+        self.device = self.dist.device
+        self.output_dir = Path(str(cfg.output_dir)).expanduser()
+        self.max_steps = int(cfg.max_steps)
+        precision = str(cfg.get("precision", "auto"))
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if precision not in ("bf16", "fp32"):
+            raise ConfigError(f"precision: expected auto, bf16 or fp32, got {precision!r}")
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)  # bit-exact resume on CPU
+
+        # Model init must be identical on every rank (FSDP2 does not broadcast it): seed before building.
+        torch.manual_seed(int(cfg.seed))
+        model = instantiate(cfg.model)
+        loss_fn = instantiate(cfg.loss)
+        self.tokenizer = instantiate(cfg.tokenizer)
+        self._check_vocab(model)
+        task = ContrastiveTask(model, loss_fn)
+        if cfg.get("activation_checkpointing", False):
+            D.apply_activation_checkpointing(model)
+        compile_mode = cfg.get("compile", False)
+        if compile_mode:
+            D.compile_model(model, mode="regional" if compile_mode is True else str(compile_mode))
+        dist_cfg = cfg.get("distributed", {}) or {}
+        self.task = D.wrap_model(task, strategy=str(dist_cfg.get("strategy", "ddp")), device=self.device,
+                                 mixed_precision=dist_cfg.get("mixed_precision", None),
+                                 reshard_after_forward=bool(dist_cfg.get("reshard_after_forward", True)))
+        self.inner = D.unwrap_model(self.task)  # the ContrastiveTask (FSDP2 shards in place)
+        torch.manual_seed(int(cfg.seed) + self.dist.rank)  # per-rank dropout from here on
+
+        self.split = D.split_global_batch(int(cfg.batch_size), self.dist.world_size, self._micro_batch())
+        self.optimizer = self._build_optimizer()
+        self.scheduler = instantiate(cfg.lr_scheduler)(self.optimizer, num_training_steps=self.max_steps)
+        self.guard = NonFiniteGuard(**(cfg.get("nonfinite", None) or {}))
+
+        num_workers = int(cfg.get("num_workers", 0))
+        self.train_set = instantiate(cfg.dataset, split="train")
+        self.val_set = instantiate(cfg.dataset, split="validation")
+        self.loader = build_contrastive_loader(
+            self.train_set, self.tokenizer, batch_size=self.split.micro_batch_size, shuffle=True,
+            seed=int(cfg.seed), rank=self.dist.rank, world_size=self.dist.world_size, num_workers=num_workers,
+            pin_memory=self.device.type == "cuda", drop_last=True)
+        # Worker seeds come from the loader's own generator, so making an iterator (as a resumed run does
+        # mid-epoch) never draws from the global RNG; augmentations are seeded per sample anyway.
+        self.loader.generator = torch.Generator().manual_seed(int(cfg.seed))
+        eval_cfg = cfg.get("eval", {}) or {}
+        self.val_loader = build_contrastive_loader(
+            self.val_set, self.tokenizer, batch_size=int(eval_cfg.get("batch_size", 256)), shuffle=False,
+            seed=int(cfg.seed), rank=self.dist.rank, world_size=self.dist.world_size, num_workers=num_workers)
+
+        ckpt_cfg = cfg.get("checkpoint", {}) or {}
+        self.checkpoints = CheckpointManager(self.output_dir, keep=ckpt_cfg.get("keep", 2), log_fn=print)
+        resume_from = self.checkpoints.resolve_resume(cfg.get("resume", "auto"))
+        if resume_from is not None:
+            state = self.checkpoints.load(resume_from, self.task, self.optimizer, self.scheduler)
+            self.step = int(state["step"])
+            self.loader.load_state_dict({"epoch": state.get("data_epoch", 0),
+                                         "position": state.get("data_position", 0),
+                                         "world_size": state.get("data_world_size", self.dist.world_size)})
+            self.guard.load_state_dict(state)
+            self.last_checkpoint = resume_from
+
+        log_cfg = cfg.get("log", {}) or {}
+        wandb_cfg = log_cfg.get("wandb", False)
+        if OmegaConf.is_config(wandb_cfg):
+            wandb_cfg = OmegaConf.to_container(wandb_cfg, resolve=True)
+        self.logger = MetricLogger(
+            self.output_dir, rank=self.dist.rank, total_steps=self.max_steps, wandb=wandb_cfg,
+            tensorboard=bool(log_cfg.get("tensorboard", False)), start_step=self.step,
+            run_config=OmegaConf.to_container(cfg, resolve=True))
+        self.log_every = max(1, int(log_cfg.get("every_n_steps", 10)))
+        self.peak_flops = measure_peak_flops(self.device) if self.device.type == "cuda" else None
+        self.flops_per_step: int | None = None
+        n_params = sum(p.numel() for p in model.parameters())
+        self.logger.print(
+            f"contrastive: {type(model).__name__} ({n_params / 1e6:.2f}M params), loss {type(loss_fn).__name__}, "
+            f"{len(self.train_set)} train / {len(self.val_set)} validation samples, global batch "
+            f"{self.split.global_batch_size} = {self.dist.world_size} rank(s) x {self.split.accumulation_steps} x "
+            f"{self.split.micro_batch_size}, {self.device}, {precision}, {self.max_steps} steps"
+            + (f", resuming at step {self.step}" if self.step else ""))
+
+    def _micro_batch(self) -> int | None:
+        accumulation = int(self.cfg.get("gradient_accumulation_steps", 1) or 1)
+        if accumulation < 1:
+            raise ConfigError(f"gradient_accumulation_steps: must be >= 1, got {accumulation}")
+        per_rank = int(self.cfg.batch_size) // self.dist.world_size
+        if per_rank % accumulation:
+            raise ConfigError(f"gradient_accumulation_steps: per-rank batch {per_rank} is not divisible by "
+                              f"{accumulation}")
+        return per_rank // accumulation
+
+    def _check_vocab(self, model: nn.Module) -> None:
+        tok_size = getattr(self.tokenizer, "vocab_size", None)
+        config = getattr(model, "config", None)
+        text_config = getattr(config, "text_config", None)
+        model_size = getattr(text_config, "vocab_size", None)
+        if tok_size is not None and model_size is not None and tok_size > model_size:
+            raise ConfigError(f"model.vocab_size: the model's text tower has {model_size} token embeddings but the "
+                              f"tokenizer has {tok_size} tokens")
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        # No weight decay on biases, norms and scalars (temperature, logit bias), as open_clip and timm do.
+        decay, no_decay = [], []
+        for param in self.task.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        factory = instantiate(self.cfg.optimizer)
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        kwargs = {}
+        if self.device.type == "cuda" and self.cfg.optimizer.get("fused", None) is None:
+            kwargs["fused"] = True
+        return factory([g for g in groups if g["params"]], **kwargs)
+
+    # ------------------------------------------------------------------------------------------------- train
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _batches(self):
+        """Endless micro-batches; a new iterator starts the next epoch (the loader advanced its sampler)."""
+        while True:
+            for batch in self.loader:
+                yield batch
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        non_blocking = self.device.type == "cuda"
+        return {k: v.to(self.device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    def _forward_backward(self, batch: dict[str, Any], scale: float) -> torch.Tensor:
+        with self._autocast():
+            loss, _, _ = self.task(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+        (loss * scale).backward()
+        return loss.detach().float()
+
+    def train(self) -> None:
+        cfg = self.cfg
+        eval_every = (cfg.get("eval", {}) or {}).get("every_n_steps", None)
+        ckpt_every = (cfg.get("checkpoint", {}) or {}).get("every_n_steps", None)
+        clip = cfg.get("clip_grad_norm", None)
+        accumulation = self.split.accumulation_steps
+        params = [p for p in self.task.parameters() if p.requires_grad]
+        batches = self._batches()
+        window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+        skipped_images = 0
+        if self.step >= self.max_steps:
+            self.logger.print(f"step {self.step} >= max_steps {self.max_steps}: nothing left to train "
+                              "(resume=none starts over)")
+        while self.step < self.max_steps:
+            step = self.step + 1
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=self.device)
+            for micro in range(accumulation):
+                batch = self._to_device(next(batches))
+                skipped_images += int(batch["num_skipped"])
+                window_samples += int(batch["index"].numel())
+                with D.grad_sync(self.task, enabled=micro == accumulation - 1):
+                    if self.flops_per_step is None and self.peak_flops is not None:
+                        flops, loss = count_flops(lambda: self._forward_backward(batch, 1.0 / accumulation))
+                        self.flops_per_step = flops * accumulation
+                    else:
+                        loss = self._forward_backward(batch, 1.0 / accumulation)
+                loss_sum += loss
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float(clip) if clip else float("inf"),
+                                                       foreach=self.device.type == "cuda")
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            step_loss = D.all_reduce_mean(loss_sum / accumulation).item()
+            grad_norm_value = float(grad_norm)
+            if self.guard.check(step, step_loss, grad_norm_value):
+                self.optimizer.step()
+                window_loss += step_loss
+                window_steps += 1
+                self.last_loss = step_loss
+            else:
+                self.logger.print(f"step {step}: non-finite loss {step_loss} / grad norm {grad_norm_value}; "
+                                  f"step skipped ({self.guard.skipped} so far, policy {self.guard.policy})")
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            self.step = step
+            D.maybe_inject_fault(step)
+
+            if step % self.log_every == 0 or step == self.max_steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                seconds_per_step = elapsed / max(1, window_steps or self.log_every)
+                metrics = {
+                    "loss": window_loss / window_steps if window_steps else float("nan"),
+                    "lr": lr,
+                    "samples_per_s": window_samples * self.dist.world_size / elapsed,
+                    "grad_norm": grad_norm_value,
+                    "skipped_images": D.all_reduce_mean(torch.tensor(float(skipped_images))).item()
+                    * self.dist.world_size,
+                    "nonfinite_steps": self.guard.skipped,
+                }
+                if self.device.type == "cuda":
+                    metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    metrics["mfu"] = mfu(self.flops_per_step, seconds_per_step, self.peak_flops)
+                self.logger.log(step, metrics)
+                window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+            self.logger.advance(1, loss=step_loss)
+            if eval_every and step % int(eval_every) == 0 and step != self.max_steps:
+                self.evaluate()
+            if ckpt_every and (step % int(ckpt_every) == 0 or step == self.max_steps):
+                self.save_checkpoint()
+
+    # ------------------------------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.task.eval()
+        images, texts, captions, indices = [], [], [], []
+        for batch in self.val_loader:
+            caption_ids = caption_ids_from_tokens(batch["input_ids"], batch["attention_mask"])
+            batch = self._to_device(batch)
+            with self._autocast():
+                images.append(self.task.encode_image(batch["pixel_values"]).float().cpu())
+                texts.append(self.task.encode_text(batch["input_ids"], batch["attention_mask"]).float().cpu())
+            captions.append(caption_ids)
+            indices.append(batch["index"].cpu())
+        self.task.train()
+        image_embeds, text_embeds, caption_ids = gather_eval_outputs(
+            torch.cat(images), torch.cat(texts), torch.cat(captions), torch.cat(indices))
+        metrics = {f"val/{k}": v for k, v in retrieval_metrics(image_embeds, text_embeds, caption_ids).items()}
+        self.last_eval = metrics
+        self.logger.log(self.step, metrics, prefix="eval")
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------- checkpoint
+    def save_checkpoint(self) -> Path | None:
+        data = self.loader.state_dict()
+        state = {"data_epoch": data["epoch"], "data_position": data["position"],
+                 "data_world_size": data.get("world_size", self.dist.world_size), **self.guard.state_dict()}
+        path = self.checkpoints.save(self.step, self.task, self.optimizer, self.scheduler, state)
+        if path is not None:
+            self.last_checkpoint = path
+        return path
+
+    def export(self) -> Path:
+        return export_model(self.inner.model, self.output_dir / "model", self.cfg)
+
+    def cleanup(self) -> None:
+        if hasattr(self, "logger"):
+            self.logger.close(plot=False)
+        D.destroy()
+
+    # ------------------------------------------------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        self.setup()
+        self.train()
+        final_eval = self.evaluate()
+        export_dir = self.export()
+        png = self.logger.close(plot=True)
+        elapsed = time.perf_counter() - self.start_time
+        summary = {
+            "steps": self.step,
+            "time_s": round(elapsed, 2),
+            "final_loss": self.last_loss,
+            **final_eval,
+            "nonfinite_steps": self.guard.skipped,
+            "skipped_images": getattr(self.loader, "total_skipped", 0),
+            "output_dir": str(self.output_dir),
+            "export_dir": str(export_dir),
+            "metrics_jsonl": str(self.logger.jsonl_path),
+            "metrics_png": str(png) if png else None,
+            "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+        }
+        loss_text = f"{self.last_loss:.4f}" if self.last_loss is not None and math.isfinite(self.last_loss) else "n/a"
+        evals = " ".join(f"{k} {v:.3f}" for k, v in final_eval.items() if k != "val/num_classes")
+        self.logger.print(
+            f"done: {self.step} steps in {elapsed:.1f}s | final loss {loss_text} | {evals} | wrote {self.output_dir}: "
+            f"model/ (exported weights + config), metrics.jsonl, metrics.png, checkpoints/")
+        return summary
+
+
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """Run the recipe on ``cfg``; returns the summary (steps, time, final loss, final eval metrics, paths)."""
+    recipe = ContrastiveRecipe(cfg)
+    try:
+        return recipe.run()
+    finally:
+        recipe.cleanup()
+
+
+def validate(cfg: DictConfig, report) -> None:
+    """Recipe-specific checks for ``mmtrain validate`` (each problem names its key)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+    def positive_int(key: str, allow_none: bool = False) -> None:
+        value = OmegaConf.select(cfg, key)
+        if value is None and allow_none:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            report.error(key, f"must be a positive integer, got {value!r}")
+
+    positive_int("max_steps")
+    positive_int("batch_size")
+    positive_int("gradient_accumulation_steps", allow_none=True)
+    positive_int("eval.every_n_steps", allow_none=True)
+    positive_int("checkpoint.every_n_steps", allow_none=True)
+    positive_int("log.every_n_steps", allow_none=True)
+    batch, accumulation = cfg.get("batch_size"), cfg.get("gradient_accumulation_steps", 1) or 1
+    if isinstance(batch, int) and isinstance(accumulation, int) and accumulation > 0:
+        if batch % world or (batch // world) % accumulation:
+            report.error("batch_size", f"global batch {batch} must split into {world} rank(s) x {accumulation} "
+                         "accumulation steps")
+    policy = OmegaConf.select(cfg, "nonfinite.policy")
+    if policy not in (None, "stop", "skip"):
+        report.error("nonfinite.policy", f"must be stop or skip, got {policy!r}")
+    if str(cfg.get("precision", "auto")) not in ("auto", "bf16", "fp32"):
+        report.error("precision", f"must be auto, bf16 or fp32, got {cfg.get('precision')!r}")
+    strategy = OmegaConf.select(cfg, "distributed.strategy")
+    if strategy not in (None, "none", "ddp", "fsdp"):
+        report.error("distributed.strategy", f"must be none, ddp or fsdp, got {strategy!r}")
+
+
+if __name__ == "__main__":
+    from mmtrain.config import recipe_entry
+
+    recipe_entry(main)

@@ -1,0 +1,139 @@
+"""The contrastive recipe end to end on a tiny config: training, outputs, exact resume, NaN policy."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mmtrain.training.nonfinite import NonFiniteLossError
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "contrastive.py"
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("contrastive_recipe_under_test", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_cfg(output_dir, **overrides):
+    cfg = OmegaConf.create({
+        "output_dir": str(output_dir), "seed": 0, "max_steps": 6, "resume": "auto", "batch_size": 8,
+        "gradient_accumulation_steps": 1, "clip_grad_norm": 1.0, "device": "cpu", "precision": "auto",
+        "compile": False, "activation_checkpointing": False, "num_workers": 0,
+        "log": {"every_n_steps": 1, "wandb": False, "tensorboard": False},
+        "eval": {"every_n_steps": 3, "batch_size": 16}, "checkpoint": {"every_n_steps": 3, "keep": 2},
+        "distributed": {"strategy": "ddp"}, "nonfinite": {"policy": "stop", "max_consecutive": 3},
+        "model": {"_target_": "mmtrain.models.align.align_tiny", "vocab_size": 72, "image_size": 16,
+                  "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                  "vision_width": 16},
+        "loss": {"_target_": "mmtrain.losses.AlignLoss", "label_smoothing": 0.1},
+        "tokenizer": {"_target_": "mmtrain.data.tokenizers.shapes_tokenizer", "max_length": 12},
+        "dataset": {"_target_": "mmtrain.data.shapes.shapes_dataset", "train_samples": 64,
+                    "validation_samples": 24, "image_size": 16},
+        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 5e-3, "weight_decay": 0.01},
+        "lr_scheduler": {"_target_": "mmtrain.training.schedules.warmup_cosine", "_partial_": True,
+                         "num_warmup_steps": 1},
+    })
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
+
+
+def _events(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(output_dir):
+    return {e["step"]: e["loss"] for e in _events(output_dir) if "loss" in e}
+
+
+def test_end_to_end_writes_everything_and_loss_falls(tmp_path, capsys):
+    summary = _recipe().main(tiny_cfg(tmp_path, max_steps=12, **{"lr_scheduler.num_warmup_steps": 0}))
+    assert summary["steps"] == 12
+    losses = _losses(tmp_path)
+    assert sorted(losses) == list(range(1, 13))
+    assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3))
+    evals = [e for e in _events(tmp_path) if "val/zero_shot_acc" in e]
+    assert [e["step"] for e in evals] == [3, 6, 9, 12]
+    for key in ("val/i2t_r@1", "val/t2i_r@5", "val/i2t_r@10", "val/zero_shot_acc"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert (tmp_path / "metrics.png").stat().st_size > 1000
+    assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "model" / "config.json").is_file()
+    assert (tmp_path / "model" / "config.yaml").is_file()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000009", "step_00000012"]
+    out = capsys.readouterr().out
+    assert "step 12/12 | loss" in out and "samples/s" in out and "grad_norm" in out
+    assert f"done: 12 steps" in out and str(tmp_path) in out
+
+
+def test_resume_continues_bit_identically(tmp_path, monkeypatch):
+    recipe = _recipe()
+    straight = tmp_path / "straight"
+    recipe.main(tiny_cfg(straight))
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_5(step):
+        if step == 5:
+            raise Killed()
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(recipe.D, "maybe_inject_fault", die_at_step_5)
+    with pytest.raises(Killed):
+        recipe.main(tiny_cfg(interrupted))
+    monkeypatch.undo()
+    assert [p.name for p in (interrupted / "checkpoints").iterdir()] == ["step_00000003"]
+    summary = recipe.main(tiny_cfg(interrupted))  # resume: auto
+    assert summary["steps"] == 6
+
+    expected, resumed = _losses(straight), _losses(interrupted)
+    for step in (4, 5, 6):
+        assert resumed[step] == expected[step]
+    from safetensors.torch import load_file
+
+    a = load_file(str(straight / "model" / "model.safetensors"))
+    b = load_file(str(interrupted / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _nan_after(recipe, monkeypatch, first_bad_call):
+    original = recipe.ContrastiveTask.forward
+    calls = {"n": 0}
+
+    def forward(self, *args):
+        calls["n"] += 1
+        loss, img, txt = original(self, *args)
+        if calls["n"] >= first_bad_call:
+            loss = loss * float("nan")
+        return loss, img, txt
+
+    monkeypatch.setattr(recipe.ContrastiveTask, "forward", forward)
+
+
+def test_nonfinite_stop_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    recipe = _recipe()
+    _nan_after(recipe, monkeypatch, first_bad_call=4)  # steps 1-3 fine (checkpoint at 3), then NaN
+    cfg = tiny_cfg(tmp_path, max_steps=10, **{"nonfinite.max_consecutive": 2, "eval.every_n_steps": 100})
+    with pytest.raises(NonFiniteLossError, match="step 5: non-finite loss"):
+        recipe.main(cfg)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000003"]
+
+
+def test_nonfinite_skip_counts_and_keeps_weights_finite(tmp_path, monkeypatch):
+    recipe = _recipe()
+    _nan_after(recipe, monkeypatch, first_bad_call=5)
+    cfg = tiny_cfg(tmp_path, **{"nonfinite.policy": "skip", "checkpoint.every_n_steps": 100})
+    summary = recipe.main(cfg)
+    assert summary["nonfinite_steps"] == 2 and summary["steps"] == 6
+    assert math.isfinite(summary["final_loss"])
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
