@@ -1,0 +1,213 @@
+"""Benchmark: ALIGN training step (align-base: EfficientNet-B7 + BERT-base, 289 px, batch 64, bf16, AdamW).
+
+Each variant runs forward + contrastive loss + backward + optimizer step on random images and 64-token texts.
+Reports samples/s (median over timed steps, CUDA events after warm-up) and peak memory. Variants: mmtrain eager
+(channels_last, bf16 autocast, fused AdamW, SDPA), mmtrain compiled (``torch.compile``), and HF transformers'
+``AlignModel`` in the same process when importable (same optimizer, same autocast).
+
+    mmtrain bench align [--batch 64] [--steps 10] [--no-compile] [--no-hf] [--out bench_results/align.json]
+    mmtrain bench align --smoke      # tiny CPU run (tests use it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mmtrain.losses import AlignLoss
+from mmtrain.models.align import AlignConfig, AlignModel
+
+SMOKE_CONFIG = dict(
+    text_config=dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=16),
+    vision_config=dict(image_size=32, width_coefficient=0.25, depth_coefficient=1.0, kernel_sizes=[3, 3],
+                       in_channels=[32, 16], out_channels=[16, 64], strides=[1, 2], num_block_repeats=[1, 1],
+                       expand_ratios=[1, 2], hidden_dim=16),
+    projection_dim=16,
+)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mmtrain bench align", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny config on CPU, 2 steps (for tests)")
+    p.add_argument("--out", default="bench_results/align.json", help="JSON results file")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=289)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled mmtrain variant")
+    p.add_argument("--no-hf", action="store_true", help="do not run transformers' AlignModel even if importable")
+    return p.parse_args(argv)
+
+
+def _config_dict(args: argparse.Namespace) -> dict[str, Any]:
+    if args.smoke:
+        return SMOKE_CONFIG
+    config = AlignConfig()
+    config.vision_config.image_size = args.image_size
+    return {"text_config": config.text_config.to_dict(), "vision_config": config.vision_config.to_dict(),
+            "projection_dim": 640}
+
+
+def _batch(args: argparse.Namespace, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    size = 32 if args.smoke else args.image_size
+    seq = 8 if args.smoke else args.seq_len
+    ids = torch.randint(1, vocab, (args.batch, seq), generator=g)
+    mask = torch.ones(args.batch, seq, dtype=torch.long)
+    lengths = torch.randint(seq // 4, seq + 1, (args.batch,), generator=g)
+    mask[torch.arange(seq)[None, :] >= lengths[:, None]] = 0  # realistic padding
+    pixels = torch.randn(args.batch, 3, size, size, generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "pixel_values": pixels.to(device)}
+
+
+def _mmtrain_step(model: AlignModel, loss_fn: nn.Module) -> Callable[[dict], torch.Tensor]:
+    def step(batch: dict) -> torch.Tensor:
+        image = model.encode_image(batch["pixel_values"])
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        return loss_fn(image, text, model.get_logit_scale())
+
+    return step
+
+
+def _hf_step(model: nn.Module) -> Callable[[dict], torch.Tensor]:
+    def step(batch: dict) -> torch.Tensor:
+        return model(**batch, return_loss=True).loss
+
+    return step
+
+
+def _run_variant(name: str, build: Callable[[], tuple[nn.Module, Callable]], args: argparse.Namespace,
+                 device: torch.device, channels_last: bool) -> dict[str, Any]:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model, step_fn = build()
+    model.to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    batch = _batch(args, 64 if args.smoke else 30522, device)
+    if channels_last:
+        batch["pixel_values"] = batch["pixel_values"].contiguous(memory_format=torch.channels_last)
+    autocast_dtype = torch.bfloat16
+    times: list[float] = []
+
+    def one_step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=device.type == "cuda"):
+            loss = step_fn(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    try:
+        for _ in range(args.warmup):
+            one_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            for _ in range(args.steps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                one_step()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1000)
+        else:
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                one_step()
+                times.append(time.perf_counter() - t0)
+    except torch.cuda.OutOfMemoryError:
+        return {"name": name, "error": "out of memory"}
+    step_s = statistics.median(times)
+    result = {"name": name, "step_s": step_s, "samples_per_s": args.batch / step_s,
+              "params": sum(p.numel() for p in model.parameters())}
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del model, optimizer
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.smoke:
+        args.batch, args.steps, args.warmup, args.no_compile = min(args.batch, 4), 2, 1, True
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    config_dict = _config_dict(args)
+
+    def build_mmtrain(compiled: bool) -> Callable[[], tuple[nn.Module, Callable]]:
+        def build() -> tuple[nn.Module, Callable]:
+            torch.manual_seed(0)
+            model = AlignModel(AlignConfig(**config_dict))
+            step = _mmtrain_step(model, AlignLoss(gather=False))
+            return model, (torch.compile(step) if compiled else step)
+
+        return build
+
+    variants: list[tuple[str, Callable, bool]] = [("mmtrain", build_mmtrain(False), True)]
+    if not args.no_compile:
+        variants.append(("mmtrain_compiled", build_mmtrain(True), True))
+    hf_error = None
+    if not args.no_hf:
+        try:
+            from transformers import AlignConfig as HFAlignConfig
+            from transformers import AlignModel as HFAlignModel
+
+            def build_hf() -> tuple[nn.Module, Callable]:
+                torch.manual_seed(0)
+                model = HFAlignModel(HFAlignConfig(**config_dict))
+                return model, _hf_step(model)
+
+            variants.append(("transformers", build_hf, False))
+        except ImportError as err:
+            hf_error = f"transformers not importable: {err}"
+    results = [_run_variant(name, build, args, device, channels_last) for name, build, channels_last in variants]
+    report = {
+        "benchmark": "align_train_step",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "image_size": 32 if args.smoke else args.image_size,
+        "smoke": args.smoke,
+        "results": results,
+    }
+    if hf_error:
+        report["transformers"] = hf_error
+    by_name = {r["name"]: r for r in results if "samples_per_s" in r}
+    if "transformers" in by_name:
+        best = max((r for n, r in by_name.items() if n.startswith("mmtrain")), key=lambda r: r["samples_per_s"],
+                   default=None)
+        if best is not None:
+            report["speedup_vs_transformers"] = best["samples_per_s"] / by_name["transformers"]["samples_per_s"]
+    print(f"{'variant':<20} {'samples/s':>10} {'step ms':>9} {'peak GiB':>9}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['name']:<20} {r['error']}")
+            continue
+        peak = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
+        print(f"{r['name']:<20} {r['samples_per_s']:>10.1f} {r['step_s'] * 1000:>9.1f} {peak:>9}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
