@@ -30,7 +30,7 @@ def _attention_dict(attention: Any) -> dict | None:
 
 
 def align_tiny(
-    vocab_size: int = 64,
+    vocab_size: int = 128,
     attention: dict | None = None,
     image_size: int = 64,
     hidden_size: int = 64,
