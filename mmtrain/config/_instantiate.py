@@ -126,12 +126,12 @@ def check_targets(node, *, args=(), kwargs=None, allow_any: bool | None = None,
     errors: list[KeyedConfigError] = []
     missing_top: list[str] = []
 
-    def visit(current, is_top: bool) -> None:
+    def visit(current, is_top: bool, key: str) -> None:
         if isinstance(current, ListConfig):
             for i in range(len(current)):
                 child = current._get_node(i)
                 if isinstance(child, (DictConfig, ListConfig)):
-                    visit(child, False)
+                    visit(child, False, f"{key}.{i}" if key else str(i))
             return
         if not isinstance(current, DictConfig) or current._is_missing() or current._is_none():
             return
@@ -139,9 +139,8 @@ def check_targets(node, *, args=(), kwargs=None, allow_any: bool | None = None,
             for k in current.keys():
                 child = current._get_node(k)
                 if isinstance(child, (DictConfig, ListConfig)):
-                    visit(child, False)
+                    visit(child, False, f"{key}.{k}" if key else str(k))
             return
-        key = _full_key(current)
         target = _target_string(current)
         if isinstance(target, str):
             if not allow_any and not is_target_allowed(target):
@@ -169,7 +168,7 @@ def check_targets(node, *, args=(), kwargs=None, allow_any: bool | None = None,
                     continue
                 child = current._get_node(k)
                 if isinstance(child, (DictConfig, ListConfig)):
-                    visit(child, False)
+                    visit(child, False, f"{key}.{k}" if key else str(k))
 
     def _check_binding(current, fn, key, where, is_top, errors, missing_top) -> None:
         try:
@@ -207,7 +206,7 @@ def check_targets(node, *, args=(), kwargs=None, allow_any: bool | None = None,
             errors.append(KeyedConfigError(where, key, f"{e}; signature: {_signature_text(fn)}"))
 
     if isinstance(node, (DictConfig, ListConfig)):
-        visit(node, True)
+        visit(node, True, _full_key(node))
     return errors, missing_top
 
 

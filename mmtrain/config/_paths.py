@@ -16,8 +16,14 @@ from mmtrain.errors import ConfigError
 YAML_SUFFIXES = (".yaml",)
 
 
+# Tests point the built-in folders at a temporary tree: {"configs": Path, "recipes": Path}. Empty in real use.
+BUILTIN_DIRS_OVERRIDE: dict[str, Path] = {}
+
+
 def builtin_configs_dir() -> Path:
     """Folder of the built-in configs (the installed package ``mmtrain.configs``)."""
+    if "configs" in BUILTIN_DIRS_OVERRIDE:
+        return Path(BUILTIN_DIRS_OVERRIDE["configs"]).resolve()
     import mmtrain.configs
 
     return Path(mmtrain.configs.__file__).resolve().parent
@@ -25,6 +31,8 @@ def builtin_configs_dir() -> Path:
 
 def builtin_recipes_dir() -> Path:
     """Folder of the built-in recipes (the installed package ``mmtrain.recipes``)."""
+    if "recipes" in BUILTIN_DIRS_OVERRIDE:
+        return Path(BUILTIN_DIRS_OVERRIDE["recipes"]).resolve()
     import mmtrain.recipes
 
     return Path(mmtrain.recipes.__file__).resolve().parent
