@@ -188,3 +188,20 @@ def test_vit_b16_presets_have_open_clip_shapes():
     assert clip.layer_modules()[0].attn.num_heads == 12 and clip.layer_modules()[12].attn.num_heads == 8
     assert siglip.embed_dim == 768 and siglip.get_logit_bias() is not None
     assert siglip.text_encoder.position_embedding.shape == (64, 768)
+
+
+@pytest.mark.parametrize("name", ["clip_tiny", "clip_vit_b16", "siglip_vit_b16"])
+def test_model_configs_compose_and_build(tmp_path, name):
+    from mmtrain.config import instantiate, load
+
+    primary = tmp_path / "only_model.yaml"
+    primary.write_text(f"defaults:\n  - /model: {name}\n  - _self_\n")
+    overrides = ["model/attention=local"] if name == "clip_tiny" else []
+    cfg = load("contrastive", str(primary), overrides)
+    assert cfg.model.attention.name == ("local" if name == "clip_tiny" else "scaled_dot_product")
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    assert model.get_logit_scale().shape == ()
+    assert (model.get_logit_bias() is not None) == name.startswith("siglip")
+    assert all(type(layer.attn.attention).__name__ == ("LocalAttention" if name == "clip_tiny" else "ScaledDotProduct")
+               for layer in model.layer_modules())
