@@ -8,7 +8,7 @@ With ``phi`` a feature map of ``feature_maps`` (``m = dim_features`` features):
     causal:     out_i = phi(q_i) . (sum_{j<=i} phi(k_j) v_j^T)    / phi(q_i) . (sum_{j<=i} phi(k_j))
 
 The causal prefix sums run over chunks: a running ``(m, D_v)`` state between chunks and a small triangular product
-inside each, so memory stays linear in length. Features and sums are kept in float32 for half inputs. A key padding
+inside each, so memory stays linear in length. float16 inputs are computed in float32 (exp overflows float16). A key padding
 mask zeroes the padded keys' features. ``iter_before_redraw`` draws new features after that many training-mode
 forward calls (never in eval mode, so evaluation is repeatable).
 """
@@ -121,7 +121,9 @@ class FavorAttention(Attention):
                 self._calls_since_redraw = 0
             self._calls_since_redraw += 1
         out_dtype = v.dtype
-        compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        # float16 would overflow in exp; bfloat16 has float32's range and is kept (as xFormers does) for speed and
+        # memory: the sums over keys accumulate in float32 inside the matmuls.
+        compute_dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
         q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
         with torch.autocast(device_type=q.device.type, enabled=False):
             q_features = self.feature_map(q)

@@ -78,7 +78,8 @@ class SoftMaxPositiveEstimator(nn.Module):
         if self.normalize_inputs:
             offset = offset - (x * x).sum(dim=-1, keepdim=True).amax(dim=-2, keepdim=True)
         if self.hyperbolic:
-            return torch.cat((torch.exp(projected + offset), torch.exp(-projected + offset)), dim=-1)
+            # One exp over [xW, -xW]: autograd keeps a single (S, m) result instead of two halves and their concat.
+            projected = torch.cat((projected, -projected), dim=-1)
         return torch.exp(projected + offset)
 
 

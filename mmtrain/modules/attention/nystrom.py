@@ -166,11 +166,14 @@ class NystromAttention(Attention):
             kernel_1 = _softmax_scores(q, k_landmarks, mask_1)
             kernel_2 = _softmax_scores(q_landmarks, k_landmarks, mask_2)
             kernel_3 = _softmax_scores(q_landmarks, k, mask_3)
+            # The (m, m) inverse is cheap and ill-conditioned: always computed in at least float32.
+            kernel_2_wide = kernel_2.float() if kernel_2.dtype in (torch.float16, torch.bfloat16) else kernel_2
             if self.use_razavi_pinverse:
-                kernel_2_inv = iterative_pinv(kernel_2, self.inv_iterations, self.pinverse_original_init)
+                kernel_2_inv = iterative_pinv(kernel_2_wide, self.inv_iterations, self.pinverse_original_init)
             else:
-                kernel_2_inv = torch.linalg.pinv(kernel_2)
-            out = kernel_1 @ (kernel_2_inv @ (kernel_3 @ v))
+                kernel_2_inv = torch.linalg.pinv(kernel_2_wide)
+            middle = (kernel_2_inv @ (kernel_3 @ v).to(kernel_2_inv.dtype)).to(v.dtype)  # (*batch, m, D_v)
+            out = kernel_1 @ middle
 
         if self.skip_connection is not None:
             v_heads = v.reshape(-1, self.num_heads, v.shape[-2], v.shape[-1])

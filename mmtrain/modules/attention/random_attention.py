@@ -21,7 +21,7 @@ from mmtrain.modules.attention.pattern import KeepFn, PatternAttention
 _MASK32 = 0xFFFFFFFF
 
 
-def hash_uniform32(seed: int, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+def hash_uniform32(seed: int | torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
     """A well-mixed 32-bit integer per ``(seed, q_idx, kv_idx)`` (int64 tensor holding values below 2**32).
 
     Plain integer arithmetic (products stay below 2**63), so it gives the same bits on CPU and in Triton kernels.
@@ -66,7 +66,9 @@ class RandomAttention(PatternAttention):
     def make_keep(self, s_q: int, s_k: int, device: torch.device) -> KeepFn:
         if not self.constant_masking and self.training:
             self.seed = self._draw_seed()
-        seed, offset, causal = self.seed, self.query_offset(s_q, s_k), self.causal
+        offset, causal = self.query_offset(s_q, s_k), self.causal
+        # A changing seed travels as a tensor so compiled FlexAttention does not recompile for every new draw.
+        seed: int | torch.Tensor = self.seed if self.constant_masking else torch.tensor(self.seed, device=device)
         threshold = int(round(self.r * 2**32))
 
         def keep(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:

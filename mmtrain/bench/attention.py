@@ -1,0 +1,282 @@
+"""``mmtrain bench attention``: forward + backward time and peak memory of every attention mechanism.
+
+Inputs are ``(batch, heads, S, head_dim)`` tensors as the multi-head wrapper passes them (default 1 x 16 heads x
+head dim 128, bf16, S in 1k..16k). For each sequence length it times, in the same process:
+
+- ``sdpa``: dense ``scaled_dot_product_attention`` (no mask: flash kernel);
+- ``sdpa_masked``: the same with a materialized ``S x S`` bool mask built in the step (counted in its memory);
+- ``naive``: softmax attention written out (``S x S`` scores materialized): attention with a materialized mask;
+- each mechanism, and for the pattern ones (local, random, global) also ``<name>_masked_reference``: SDPA with the
+  mechanism's pattern materialized as an ``S x S`` mask; the mechanism's output is checked against it.
+
+Time: CUDA events after warm-up, median of ``--iters`` runs of forward + backward. Memory: peak allocated during one
+forward + backward, above what the inputs already hold. TFLOP/s counts useful FLOPs only (attended query-key pairs,
+``4 D`` per pair forward, x3.5 for forward + backward); approximations (linformer, nystrom, orthoformer, favor) get
+none. Runs that do not fit are recorded as ``"oom"``. ``--smoke`` (and any run without CUDA) is a tiny float32 CPU
+version for tests. Prints a table and writes JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from mmtrain.modules.attention import (
+    FavorAttention,
+    GlobalAttention,
+    LinformerAttention,
+    LocalAttention,
+    NystromAttention,
+    OrthoFormerAttention,
+    RandomAttention,
+    ScaledDotProduct,
+)
+from mmtrain.modules.attention.pattern import PatternAttention
+
+FORWARD_BACKWARD_FLOP_FACTOR = 3.5  # backward ~ 2.5x forward, the convention of FlashAttention's benchmarks
+PATTERN_MECHANISMS = ("local", "random", "global")
+ALL_MECHANISMS = ("local", "random", "global", "linformer", "nystrom", "favor", "orthoformer")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mmtrain bench attention", description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096, 8192, 16384])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--window", type=int, default=513, help="local attention window (odd)")
+    parser.add_argument("--mechanisms", type=lambda s: s.split(","), default=list(ALL_MECHANISMS))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--no-references", action="store_true", help="skip sdpa_masked, naive and masked references")
+    parser.add_argument("--out", default="bench_results/attention.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny float32 run on CPU (for tests)")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.mechanisms) - set(ALL_MECHANISMS))
+    if unknown:
+        parser.error(f"unknown mechanisms {unknown}; choose from {', '.join(ALL_MECHANISMS)}")
+    return args
+
+
+def _build(name: str, seq_len: int, heads: int, head_dim: int, window: int) -> torch.nn.Module:
+    if name == "local":
+        return LocalAttention(window_size=window)
+    if name == "random":
+        return RandomAttention(r=0.01)
+    if name == "global":
+        return GlobalAttention(attention_query_mask=16)
+    if name == "linformer":
+        return LinformerAttention(seq_len=seq_len, k=min(256, seq_len))
+    if name == "nystrom":
+        return NystromAttention(num_heads=heads, num_landmarks=64)
+    if name == "favor":
+        return FavorAttention(dim_head=head_dim)
+    if name == "orthoformer":
+        return OrthoFormerAttention(num_landmarks=32)
+    raise ValueError(name)
+
+
+def _count_pairs(attention: PatternAttention, seq_len: int, device: torch.device) -> int:
+    """Attended (query, key) pairs of a pattern, counted in row blocks (never an S x S tensor at once)."""
+    keep = attention.make_keep(seq_len, seq_len, device)
+    kv_idx = torch.arange(seq_len, device=device)[None, :]
+    total = 0
+    for start in range(0, seq_len, 1024):
+        q_idx = torch.arange(start, min(seq_len, start + 1024), device=device)[:, None]
+        total += int(keep(q_idx, kv_idx).expand(q_idx.shape[0], seq_len).sum())
+    return total
+
+
+def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+class _Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def measure(self, step: Callable[[], None], warmup: int, iters: int) -> tuple[float, float | None]:
+        """(median milliseconds, peak MiB above the memory held before) of ``step``."""
+        for _ in range(warmup):
+            step()
+        if not self.cuda:
+            times = []
+            for _ in range(iters):
+                start = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(times), None
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end))
+        held = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return statistics.median(times), (torch.cuda.max_memory_allocated() - held) / 2**20
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    smoke = args.smoke or not torch.cuda.is_available()
+    if smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        seq_lens, batch, heads, head_dim, window = [64, 128], 1, 2, 16, 9
+        warmup, iters = 1, 2
+    else:
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        seq_lens, batch, heads, head_dim, window = args.seq_lens, args.batch, args.heads, args.head_dim, args.window
+        warmup, iters = args.warmup, args.iters
+    timer = _Timer(device)
+    if not smoke:
+        # Every (pattern, sequence length) compiles its own FlexAttention kernel; the default limit of 8 per function
+        # would send later ones to the eager (materializing) path.
+        for option in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, option):
+                setattr(torch._dynamo.config, option, max(64, getattr(torch._dynamo.config, option)))
+    results: list[dict[str, Any]] = []
+
+    for seq_len in seq_lens:
+        generator = torch.Generator(device=device).manual_seed(0)
+        shape = (batch, heads, seq_len, head_dim)
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator).requires_grad_()
+                   for _ in range(3))
+        grad_out = torch.randn(shape, device=device, dtype=dtype, generator=generator)
+
+        def record(name: str, forward: Callable[[], torch.Tensor], pairs: int | None,
+                   reference_of: str | None = None) -> torch.Tensor | None:
+            def step() -> None:
+                for tensor in (q, k, v):
+                    tensor.grad = None
+                forward().backward(grad_out)
+
+            row: dict[str, Any] = {"mechanism": name, "seq_len": seq_len, "time_ms": None, "peak_mem_mb": None,
+                                   "tflops": None, "useful_pairs": pairs, "status": "ok"}
+            if reference_of:
+                row["reference_of"] = reference_of
+            output = None
+            try:
+                row["time_ms"], row["peak_mem_mb"] = timer.measure(step, warmup, iters)
+                with torch.no_grad():
+                    output = forward()
+            except torch.OutOfMemoryError:
+                row["status"] = "oom"
+            except RuntimeError as err:  # kernels that refuse a size: recorded, not fatal
+                row["status"] = f"error: {' '.join(str(err).split())[:200]}"
+            finally:
+                for tensor in (q, k, v):
+                    tensor.grad = None
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if row["time_ms"] and pairs:
+                flops = 4 * batch * heads * head_dim * pairs * FORWARD_BACKWARD_FLOP_FACTOR
+                row["tflops"] = flops / (row["time_ms"] * 1e-3) / 1e12
+            results.append(row)
+            return output
+
+        dense = ScaledDotProduct()
+        record("sdpa", lambda: dense(q, k, v), seq_len * seq_len)
+        if not args.no_references:
+            # The mask is built inside the step so that its S x S bytes count in the peak.
+            record("sdpa_masked", lambda: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)), seq_len * seq_len)
+            record("naive", lambda: _naive(q, k, v), seq_len * seq_len)
+
+        for name in args.mechanisms:
+            attention = _build(name, seq_len, heads, head_dim, window).to(device)
+            if name == "linformer":
+                attention = attention.to(dtype)
+            pairs = _count_pairs(attention, seq_len, device) if isinstance(attention, PatternAttention) else None
+            output = record(name, lambda: attention(q, k, v), pairs)
+            if isinstance(attention, PatternAttention) and not args.no_references:
+                pattern = attention.pattern(seq_len, seq_len, device=device)
+                reference = record(f"{name}_masked_reference",
+                                   lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=pattern), pairs,
+                                   reference_of=name)
+                del pattern
+                if output is not None and reference is not None:
+                    results[-2]["max_abs_err_vs_reference"] = float((output.float() - reference.float()).abs().max())
+            del attention
+
+    return {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch": batch,
+        "heads": heads,
+        "head_dim": head_dim,
+        "local_window": window,
+        "smoke": smoke,
+        "results": results,
+        "summary": _summary(results, max(seq_lens)),
+    }
+
+
+def _find(results: list[dict[str, Any]], name: str, seq_len: int) -> dict[str, Any] | None:
+    return next((r for r in results if r["mechanism"] == name and r["seq_len"] == seq_len and r["status"] == "ok"),
+                None)
+
+
+def _summary(results: list[dict[str, Any]], longest: int) -> dict[str, Any]:
+    """The issue's targets at the longest sequence: local vs dense useful TFLOP/s, memory vs a materialized mask."""
+    summary: dict[str, Any] = {"seq_len": longest}
+    dense, local = _find(results, "sdpa", longest), _find(results, "local", longest)
+    if dense and local and dense["tflops"] and local["tflops"]:
+        summary["local_tflops_fraction_of_dense"] = local["tflops"] / dense["tflops"]
+    naive, masked = _find(results, "naive", longest), _find(results, "sdpa_masked", longest)
+    for name in ("linformer", "nystrom", "favor", "orthoformer"):
+        row = _find(results, name, longest)
+        if row is None:
+            continue
+        for label, baseline in (("naive", naive), ("sdpa_masked", masked)):
+            if baseline and baseline["peak_mem_mb"] and row["peak_mem_mb"] is not None:
+                summary[f"{name}_memory_fraction_of_{label}"] = row["peak_mem_mb"] / baseline["peak_mem_mb"]
+        if dense and dense["time_ms"]:
+            summary[f"{name}_speedup_vs_dense"] = dense["time_ms"] / row["time_ms"]
+    return summary
+
+
+def _format_table(report: dict[str, Any]) -> str:
+    lines = [f"attention fwd+bwd on {report['device']} ({report['dtype']}, batch {report['batch']}, "
+             f"{report['heads']} heads x {report['head_dim']})",
+             f"{'mechanism':<28}{'seq':>7}{'ms':>10}{'peak MiB':>11}{'TFLOP/s':>9}  status"]
+    for row in report["results"]:
+        def fmt(value: Any, spec: str) -> str:
+            return "-" if value is None else format(value, spec)
+
+        lines.append(f"{row['mechanism']:<28}{row['seq_len']:>7}{fmt(row['time_ms'], '.3f'):>10}"
+                     f"{fmt(row['peak_mem_mb'], '.1f'):>11}{fmt(row['tflops'], '.3g'):>9}  {row['status']}")
+    for key, value in report["summary"].items():
+        lines.append(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(list(sys.argv[1:] if argv is None else argv))
+    report = run(args)
+    print(_format_table(report))
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x)
+                              else str(x)))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""``mmtrain bench attention --smoke`` runs on CPU and writes the JSON report (no timing is asserted)."""
+
+import json
+
+from mmtrain.bench.attention import ALL_MECHANISMS, main
+
+
+def test_bench_smoke_writes_json(tmp_path, capsys):
+    out = tmp_path / "attention.json"
+    assert main(["--smoke", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"device", "torch", "dtype", "heads", "head_dim", "results", "summary", "smoke"} <= set(report)
+    assert report["smoke"] is True
+    names = {row["mechanism"] for row in report["results"]}
+    assert {"sdpa", "sdpa_masked", "naive", *ALL_MECHANISMS} <= names
+    assert {f"{name}_masked_reference" for name in ("local", "random", "global")} <= names
+    for row in report["results"]:
+        assert {"mechanism", "seq_len", "time_ms", "peak_mem_mb", "tflops", "status"} <= set(row)
+        assert row["status"] == "ok" and row["time_ms"] > 0, row
+    for name in ("local", "random", "global"):
+        rows = [r for r in report["results"] if r["mechanism"] == name]
+        assert all(r["max_abs_err_vs_reference"] < 1e-4 for r in rows), rows
+    assert "local_tflops_fraction_of_dense" in report["summary"]
+    assert "sdpa" in capsys.readouterr().out
