@@ -52,7 +52,8 @@ def main(cfg: DictConfig) -> dict:
     checkpoint = OmegaConf.select(cfg, "checkpoint")
     if checkpoint:
         manager = CheckpointManager(str(checkpoint), log_fn=lambda msg: None)
-        path = manager.resolve_resume(str(checkpoint))
+        run_dir_checkpoints = Path(str(checkpoint)) / "checkpoints"  # a run's output_dir was given
+        path = manager.resolve_resume(str(run_dir_checkpoints if run_dir_checkpoints.is_dir() else checkpoint))
         if path is None:
             from mmtrain.errors import CheckpointError
 

@@ -1,0 +1,53 @@
+"""vlm_finetune / vlm_generate end to end on the tiny config (CPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["dataset.train_samples=64", "dataset.validation_samples=8", "batch_size=8", "eval.every_n_steps=0",
+        "log.progress_bar=false", "log.every_n_steps=1"]
+
+
+def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmtrain.cli.main", "run", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_vlm_finetune_few_steps_then_generate(tmp_path) -> None:
+    out = tmp_path / "run"
+    result = _run(["vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={out}", "max_steps=3",
+                   "checkpoint.every_n_steps=2", *TINY])
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    accs = [r["val/answer_acc"] for r in records if "val/answer_acc" in r]
+    assert len(accs) == 1 and 0.0 <= accs[0] <= 1.0
+    assert "summary: 3 steps" in result.stdout
+    assert (out / "checkpoints" / "step_00000003").is_dir()
+
+    gen = _run(["vlm_generate", "--config", "llama3_2_vision_tiny", f"checkpoint={out}",
+                "image=shapes:validation:1", "prompt=what colour is the circle?"])
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    answer = gen.stdout.strip().splitlines()[0]
+    assert all(word.isalpha() for word in answer.split())  # decoded words, no special tokens
+
+
+def test_vlm_generate_missing_image_is_one_line_error(tmp_path) -> None:
+    result = _run(["vlm_generate", "--config", "llama3_2_vision_tiny", "checkpoint=null",
+                   f"image={tmp_path}/nope.png"])
+    assert result.returncode == 2
+    assert "nope.png" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_vlm_finetune_tiny_reaches_answer_accuracy(tmp_path) -> None:
+    out = tmp_path / "run"
+    result = _run(["vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={out}",
+                   "log.progress_bar=false"], timeout=1800)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if "val/answer_acc" in r][-1]["val/answer_acc"] >= 0.8
