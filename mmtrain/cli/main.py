@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import pkgutil
 import shutil
 import sys
@@ -34,7 +35,7 @@ def _version() -> str:
         from importlib.metadata import version
 
         return version("mmtrain")
-    except Exception:  # running from a source tree that is not installed
+    except Exception:  # noqa: BLE001  (running from a source tree that is not installed)
         return "unknown"
 
 
@@ -158,7 +159,7 @@ def _find_copy_source(name: str) -> Path:
     from mmtrain.config._paths import suggest
 
     configs, recipes = builtin_configs_dir(), builtin_recipes_dir()
-    stem = name[:-5] if name.endswith(".yaml") else name
+    stem = name.removesuffix(".yaml")
     if "/" in stem:
         path = configs / f"{stem}.yaml"
         if path.is_file():
@@ -277,11 +278,21 @@ def _launch_distributed(args, launcher: dict, debug: bool) -> int:
     if debug:
         worker_args.append("--debug")
     parsed = torchrun.parse_args(launch_args + ["--module", "mmtrain.cli.worker"] + worker_args + list(args.overrides))
+    if not debug:
+        # Workers print their own errors (one line for a user mistake, a traceback for a bug); the launcher's
+        # warnings and multi-line failure reports stay out of the way unless --debug.
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch.distributed"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         torchrun.run(parsed)
     except ChildFailedError as e:
-        codes = [failure.exitcode for failure in e.failures.values()]
-        return 2 if 2 in codes else 1
+        codes = {rank: failure.exitcode for rank, failure in sorted(e.failures.items())}
+        if 2 in codes.values():
+            return 2  # a user mistake, already reported by the rank(s) that hit it
+        failed = ", ".join(f"rank {rank} exit status {code}" for rank, code in codes.items())
+        print(f"error: distributed run failed: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,6 +18,7 @@ from mmtrain.config._paths import builtin_configs_dir, display_path, resolve_con
 from mmtrain.config._state import one_line, remember_source, set_allow_any_target
 from mmtrain.errors import ConfigError
 
+
 def _check_yaml_file(path: Path, *, primary: bool) -> None:
     """Syntax errors with file and line; the top level must be a mapping (a primary config must not be empty)."""
     where = display_path(path)
@@ -75,7 +76,7 @@ def _compose_raw(config_file: Path, overrides: list[str], dirs: list[Path]) -> D
 def _all_keys(cfg, prefix: str = "") -> list[str]:
     keys = []
     if isinstance(cfg, DictConfig):
-        for k in cfg.keys():
+        for k in cfg:
             path = f"{prefix}{k}"
             keys.append(path)
             child = cfg._get_node(k)
@@ -193,7 +194,7 @@ def _keys_without(config_file: Path, overrides: list[_Override], dirs: list[Path
     kept = [o.text for o in overrides if o.is_group]
     try:
         cfg = _compose_raw(config_file, kept, dirs)
-    except Exception:  # the suggestion is best effort; the error being reported is the real one
+    except Exception:  # noqa: BLE001  (the suggestion is best effort; the error being reported is the real one)
         return []
     return [k for k in _all_keys(cfg) if not k.startswith("hydra")]
 

@@ -8,6 +8,7 @@ ConfigError naming the YAML file, the key path and the builder's signature.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -48,8 +49,8 @@ def _full_key(node, key: str | int | None = None) -> str:
     if isinstance(node, (DictConfig, ListConfig)):
         try:
             return node._get_full_key(key)
-        except Exception:  # a detached node: fall back to the local key
-            pass
+        except (AttributeError, KeyError, TypeError):  # a detached node: fall back to the local key
+            return "" if key is None else str(key)
     return "" if key is None else str(key)
 
 
@@ -136,7 +137,7 @@ def check_targets(node, *, args=(), kwargs=None, allow_any: bool | None = None,
         if not isinstance(current, DictConfig) or current._is_missing() or current._is_none():
             return
         if "_target_" not in current:
-            for k in current.keys():
+            for k in current:
                 child = current._get_node(k)
                 if isinstance(child, (DictConfig, ListConfig)):
                     visit(child, False, f"{key}.{k}" if key else str(k))
@@ -163,7 +164,7 @@ def check_targets(node, *, args=(), kwargs=None, allow_any: bool | None = None,
             return
         _check_binding(current, fn, key, where, is_top, errors, missing_top)
         if current.get("_recursive_", True):
-            for k in current.keys():
+            for k in current:
                 if k in ("_target_",):
                     continue
                 child = current._get_node(k)
@@ -175,7 +176,7 @@ def check_targets(node, *, args=(), kwargs=None, allow_any: bool | None = None,
             signature = inspect.signature(fn)
         except (TypeError, ValueError):
             return  # builtins without a signature: the call itself will tell
-        call_kwargs = {k: None for k in current.keys() if k not in _RESERVED_KEYS}
+        call_kwargs = {k: None for k in current if k not in _RESERVED_KEYS}
         positional = list(current.get("_args_", None) or [])
         if is_top:
             call_kwargs.update(dict.fromkeys(kwargs or {}))
@@ -260,10 +261,8 @@ def instantiate(node, *args, allow_any_target: bool | None = None, **kwargs):
             raise cause
         if isinstance(cause, BUILDER_ERRORS):
             fn_text = target.group(1) if target else "the target"
-            try:
+            with contextlib.suppress(LookupError, ImportError):
                 fn_text = _signature_text(locate(fn_text))
-            except Exception:
-                pass
             raise KeyedConfigError(where, key, f"calling {fn_text} failed: {type(cause).__name__}: "
                                                f"{one_line(cause)}") from cause
         if cause is not None:
@@ -276,5 +275,12 @@ def instantiate(node, *args, allow_any_target: bool | None = None, **kwargs):
     return result
 
 
-__all__ = ["instantiate", "check_targets", "locate", "is_target_allowed", "ALLOWED_TARGET_PREFIXES",
-           "KeyedConfigError", "ConfiguredPartial"]
+__all__ = [
+    "ALLOWED_TARGET_PREFIXES",
+    "ConfiguredPartial",
+    "KeyedConfigError",
+    "check_targets",
+    "instantiate",
+    "is_target_allowed",
+    "locate",
+]

@@ -59,7 +59,7 @@ def _component_nodes(cfg: DictConfig, prefix: str = ""):
         if "_target_" in cfg:
             yield prefix, cfg
             return
-        for k in cfg.keys():
+        for k in cfg:
             child = cfg._get_node(k)
             if isinstance(child, (DictConfig, ListConfig)):
                 yield from _component_nodes(child, f"{prefix}.{k}" if prefix else str(k))

@@ -52,8 +52,8 @@ def run_cli(*args, cwd=None, env=None, timeout=120) -> subprocess.CompletedProce
     """``python -m mmtrain.cli.main ARGS`` in a fresh process."""
     full_env = {k: v for k, v in os.environ.items() if k != "MMTRAIN_DEBUG"}
     full_env.update({"OMP_NUM_THREADS": "1", **(env or {})})
-    return subprocess.run([sys.executable, "-m", "mmtrain.cli.main", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=full_env, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "mmtrain.cli.main", *map(str, args)], check=False,
+                          capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
 
 
 @pytest.fixture

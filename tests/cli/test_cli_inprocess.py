@@ -221,3 +221,19 @@ def test_cp_refuses_to_overwrite(builtin_tree, tmp_path, capsys):
     assert "already exists; pass --force" in _error_line(capsys)
     assert main(["cp", "toy/toy", str(dest), "--force"]) == 0
     assert dest.read_text() == (builtin_tree.configs / "toy" / "toy.yaml").read_text()
+
+
+# ------------------------------------------------------------------------------ the real built-in tree
+
+
+def test_ls_and_cp_on_the_installed_tree(tmp_path, capsys):
+    from mmtrain.config import builtin_configs_dir, builtin_recipes_dir
+
+    recipes = sorted(p.stem for p in builtin_recipes_dir().glob("*.py") if not p.name.startswith("_"))
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n  {name} " in out for name in recipes)
+    align_tiny = builtin_configs_dir() / "contrastive" / "align_tiny.yaml"
+    if align_tiny.is_file():  # written by the contrastive recipe's engineer
+        assert main(["cp", "contrastive/align_tiny", str(tmp_path)]) == 0
+        assert (tmp_path / "align_tiny.yaml").read_bytes() == align_tiny.read_bytes()
