@@ -182,6 +182,13 @@ def _composition_error(e: Exception, where: str, overrides: list[_Override], con
         key = appending.group(1)
         return ConfigError(f"{where}: override '+{key}=...': key '{key}' already exists; use '{key}=VALUE' to change "
                            f"it or '++{key}=VALUE' to add or change")
+    if message.startswith("Config group override must be"):
+        for o in overrides:
+            if o.is_group and not isinstance(o.parsed.value(), (str, list)):
+                options = _group_options(o.key, dirs)
+                return ConfigError(f"{where}: override '{o.text}': '{o.key}' is a config group: give one of its "
+                                   f"options ({', '.join(options) if options else 'none'}), or use "
+                                   f"'{o.key}.KEY=VALUE' to change a value inside it")
     if "Could not find '" in message:
         return _missing_config_error(message, where, overrides, dirs)
     cause = e.__cause__

@@ -200,3 +200,9 @@ def test_unparsable_override(toy):
 def test_unresolvable_interpolation(toy):
     with pytest.raises(ConfigError, match=r"key 'max_steps': cannot resolve interpolation"):
         _load(toy, "max_steps=${nope}")
+
+
+def test_value_given_to_a_group(toy):
+    with pytest.raises(ConfigError, match=r"override 'model=3': 'model' is a config group: give one of its options "
+                                          r"\(.*toy_attn, toy_linear\)"):
+        _load(toy, "model=3")
