@@ -134,8 +134,8 @@ def _sample_scene(
     sizes: Sequence[str],
     relations: Sequence[str],
     size_jitter: float,
-) -> tuple[list[dict], str | None]:
-    """Attributes and integer geometry of one scene (no pixels)."""
+) -> tuple[list[dict], str | None] | None:
+    """Attributes and integer geometry of one scene (no pixels); None when the objects do not fit."""
     combos = [(s, c, sh) for s in sizes for c in colours for sh in shapes]
     picked = rng.sample(combos, num_objects)
     objects = []
@@ -176,10 +176,14 @@ def _sample_scene(
         placed: list[dict] = []
         for obj in objects:
             r = obj["radius"] + 1
-            for _attempt in range(100):
+            for _attempt in range(50):
                 pos = place(r, size - r, r, size - r)
-                if all(math.dist(pos, p["position"]) > r + p["radius"] + 1 for p in placed):
+                # Bounding boxes apart (a circle test would let square corners touch).
+                if all(max(abs(pos[0] - p["position"][0]), abs(pos[1] - p["position"][1])) > r + p["radius"] + 1
+                       for p in placed):
                     break
+            else:
+                return None  # too crowded: the caller draws a new scene
             obj["position"] = pos
             placed.append(obj)
     for obj in objects:
@@ -241,11 +245,14 @@ def render_scene(
     # A string seed goes through sha512 in random.Random: stable across processes and Python versions.
     rng = random.Random(f"shapes/{seed}/{split}/{index}")
     for _attempt in range(1000):
-        objects, relation = _sample_scene(rng, image_size, num_objects, colours, shapes, sizes, relations, size_jitter)
+        scene = _sample_scene(rng, image_size, num_objects, colours, shapes, sizes, relations, size_jitter)
+        if scene is None:
+            continue
+        objects, relation = scene
         if _split_of(_scene_key(objects, relation), seed) == split:
             break
-    else:  # pragma: no cover - probability 3**-1000
-        raise RuntimeError("could not sample a scene for this split")
+    else:
+        raise ConfigError(f"dataset: {num_objects} objects of these sizes do not fit in {image_size} x {image_size} pixels")
 
     # Draw at a higher resolution and box-filter down: anti-aliased edges without a slow renderer.
     scale = max(1, int(supersample))

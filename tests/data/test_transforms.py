@@ -1,0 +1,55 @@
+"""Image transforms: eval normalization against a float64 reference, seeded crops, caption-aware flips."""
+
+import torch
+
+from mmtrain.data.transforms import ContrastiveImageTransform, mentions_left_or_right
+
+
+def _half_and_half(size=16):
+    image = torch.zeros(3, size, size, dtype=torch.uint8)
+    image[0, :, : size // 2] = 255  # left half red
+    image[2, :, size // 2 :] = 255  # right half blue
+    return image
+
+
+def test_mentions_left_or_right():
+    assert mentions_left_or_right("a red circle left of a square")
+    assert mentions_left_or_right("the dog on the RIGHT")
+    assert not mentions_left_or_right("a small red circle above a large blue square")
+    assert not mentions_left_or_right("a bright leftover cake")
+
+
+def test_flip_only_when_caption_is_side_free():
+    t = ContrastiveImageTransform(16, train=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip_prob=1.0,
+                                  mean=(0, 0, 0), std=(1, 1, 1))
+    image = _half_and_half()
+    flipped = t(image, "a red square and a blue square", seed=0)
+    kept = t(image, "a red square left of a blue square", seed=0)
+    assert flipped[2, 0, 0] == 1.0 and flipped[0, 0, 0] == 0.0  # blue now on the left
+    assert kept[0, 0, 0] == 1.0 and kept[2, 0, 0] == 0.0
+    off = ContrastiveImageTransform(16, train=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=False, hflip_prob=1.0)
+    assert torch.equal(off(image, "a dog", seed=0), off(image, "a dog left of a cat", seed=0))
+
+
+def test_eval_transform_matches_float64_reference():
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+    t = ContrastiveImageTransform(8, train=False, mean=mean, std=std)
+    image = torch.randint(0, 256, (3, 8, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = t(image)
+    # Shorter side already 8: no resize, center crop of width 12 -> columns 2..9.
+    ref = image[:, :, 2:10].double() / 255.0
+    ref = (ref - torch.tensor(mean, dtype=torch.float64)[:, None, None]) / torch.tensor(std, dtype=torch.float64)[:, None, None]
+    assert out.shape == (3, 8, 8) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-6)
+    assert t(torch.zeros(3, 20, 30, dtype=torch.uint8)).shape == (3, 8, 8)
+
+
+def test_train_crop_is_a_function_of_the_seed():
+    t = ContrastiveImageTransform(12, train=True, scale=(0.3, 0.6))
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(123)
+    a = t(image, "x", seed=7)
+    torch.manual_seed(456)  # the global RNG plays no part
+    assert torch.equal(a, t(image, "x", seed=7))
+    assert not torch.equal(a, t(image, "x", seed=8))
+    assert a.shape == (3, 12, 12)
