@@ -238,8 +238,9 @@ def _from_saved(path: Path, split: str, text_column: str, image_column: str, fra
         raise DataError(f"{path}: cannot load with datasets.load_from_disk: {error}") from None
     carve = False
     if isinstance(loaded, datasets.DatasetDict):
+        has_validation = any(n in loaded for n in VALIDATION_NAMES)
         names = [split] if split in loaded else ([n for n in VALIDATION_NAMES if n in loaded] if split == "validation" else [])
-        if names:
+        if names and (split != "train" or has_validation):
             table, where = loaded[names[0]], f"{path}[{names[0]}]"
         elif "train" in loaded:
             table, where, carve = loaded["train"], f"{path}[train]", True
@@ -308,19 +309,21 @@ def image_folder_dataset(
     if _is_saved_dataset(root):
         rows, source = _from_saved(root, split, text_column, image_column, validation_fraction, seed)
     else:
+        has_validation = any((root / name).is_dir() for name in VALIDATION_NAMES)
         candidates = [split] if split != "validation" else list(VALIDATION_NAMES)
         split_dir = next((root / name for name in candidates if (root / name).is_dir()), None)
-        if split_dir is not None:
+        if split_dir is not None and (split != "train" or has_validation):
             files, texts = read_metadata(split_dir, text_column)
             source = str(split_dir)
         else:
+            # No validation folder: both splits come from train (or DIR itself), disjoint by a seeded choice.
             train_dir = root / "train" if (root / "train").is_dir() else root
-            if split == "test" or not (train_dir / METADATA).exists() and train_dir == root:
+            if split == "test" or (train_dir == root and not (root / METADATA).exists()):
                 raise DataError(f"dataset.path: {root} has no {split}/ or train/ folder with {METADATA}")
             files, texts = read_metadata(train_dir, text_column)
             chosen = _carve(len(files), split, validation_fraction, seed, str(train_dir))
             files, texts = [files[i] for i in chosen], [texts[i] for i in chosen]
-            source = f"{train_dir} ({split} carved from train)"
+            source = f"{train_dir} ({split} split carved from it)"
         rows = datasets.Dataset.from_dict({"image": files, "text": texts})
     return ImageTextFolder(
         rows, split=split, source=source, image_size=image_size, max_skipped_fraction=max_skipped_fraction,

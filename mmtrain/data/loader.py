@@ -205,7 +205,7 @@ class ContrastiveDataLoader(DataLoader):
       ones prefetched by workers), so a checkpoint taken between steps resumes at the next unseen batch.
     - When an epoch ends the next iteration starts the next epoch (``set_epoch`` also works).
     - A batch whose samples were all unreadable is not handed out; its count goes into the next batch's
-      ``num_skipped``.
+      ``num_skipped`` (an epoch's last batch has no next one: ``total_skipped`` still counts it).
     - ``max_skipped_fraction``: a DataError once the skipped share of samples exceeds it (checked after
       512 samples and at each epoch end); a DataError when a whole epoch had no readable sample.
     - ``total_skipped`` / ``total_seen``: counts since construction.
