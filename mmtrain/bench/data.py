@@ -1,0 +1,201 @@
+"""Data benchmark: JPEG image folder -> augmented 224 px contrastive batches, images/s.
+
+    mmtrain bench data [--path DIR] [--num-workers 8] [--batch-size 256] [--out bench_results/data.json]
+
+Paths measured (each a row of the table and an entry of the JSON):
+- ``cpu``: the training loader as the recipe builds it (``image_folder`` + ``build_contrastive_loader``): PIL
+  decode, torchvision v2 random resized crop + caption-aware flip + normalize in DataLoader workers, tokenized
+  batches, pinned memory when CUDA is present.
+- ``gpu`` (CUDA only): workers only read file bytes; ``torchvision.io.decode_jpeg(device="cuda")`` decodes the
+  batch on the GPU, then crop/flip/resize/normalize run on CUDA tensors (torchvision v2 functionals).
+
+Without ``--path`` a temporary folder of random-content JPEGs (``--num-images`` at ``--source-size``) is written
+first. ``--smoke`` is a tiny CPU run for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mmtrain bench data", description=__doc__.splitlines()[0])
+    parser.add_argument("--path", default=None, help="imagefolder dataset (default: a generated JPEG folder)")
+    parser.add_argument("--num-images", type=int, default=512)
+    parser.add_argument("--source-size", type=int, default=384, help="side of generated JPEGs")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--num-batches", type=int, default=20, help="timed batches (after one warm-up batch)")
+    parser.add_argument("--paths", default="cpu,gpu", help="comma list of cpu,gpu (gpu needs CUDA)")
+    parser.add_argument("--out", default="bench_results/data.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run for tests")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.num_images, args.source_size, args.image_size = 24, 48, 32
+        args.batch_size, args.num_workers, args.num_batches, args.paths = 8, 0, 2, "cpu"
+    return args
+
+
+def write_jpeg_folder(root: Path, num_images: int, size: int, seed: int = 0) -> Path:
+    """Random smooth-noise JPEGs with short captions, in the imagefolder layout (train/ and validation/)."""
+    from PIL import Image
+
+    from mmtrain.data.image_folder import write_image_folder
+
+    rng = np.random.default_rng(seed)
+    words = ["red", "blue", "green", "dog", "cat", "car", "tree", "on", "a", "beach", "left", "of", "the"]
+
+    def sample(i):
+        low = rng.integers(0, 256, (size // 16 + 1, size // 16 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(low).resize((size, size), Image.Resampling.BILINEAR)  # compressible like a photo
+        return image, " ".join(rng.choice(words, 6))
+
+    write_image_folder(root, [sample(i) for i in range(num_images)], split="train", fmt="JPEG")
+    write_image_folder(root, [sample(i) for i in range(max(2, num_images // 16))], split="validation", fmt="JPEG")
+    return root
+
+
+def _time_batches(iterator, num_batches: int, sync) -> tuple[float, int]:
+    next(iterator)  # warm-up: worker start, first decode
+    sync()
+    start, images = time.perf_counter(), 0
+    for _ in range(num_batches):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        images += int(batch["pixel_values"].shape[0])
+    sync()
+    return time.perf_counter() - start, images
+
+
+def bench_cpu(path: str, args) -> dict:
+    from mmtrain.data.image_folder import image_folder_dataset
+    from mmtrain.data.loader import build_contrastive_loader
+    from mmtrain.data.tokenizers import shapes_tokenizer
+
+    dataset = image_folder_dataset("train", path=path, image_size=args.image_size,
+                                   transform={"scale": [0.35, 1.0]})
+    loader = build_contrastive_loader(
+        dataset, shapes_tokenizer(16), batch_size=args.batch_size, shuffle=True, seed=0,
+        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
+    )
+
+    def endless():
+        while True:
+            yield from loader
+
+    seconds, images = _time_batches(endless(), args.num_batches, lambda: None)
+    return {"path": "cpu", "images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "num_workers": args.num_workers}
+
+
+def _as_list(samples):
+    return samples
+
+
+class _FileBytes(torch.utils.data.Dataset):
+    """Raw encoded bytes (uint8 (n,)) + caption: decoding happens on the GPU."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        import torchvision
+
+        source, _ = self.dataset._source_of(index)
+        data = torchvision.io.read_file(source) if isinstance(source, str) else torch.frombuffer(bytearray(source), dtype=torch.uint8)
+        return data, self.dataset.captions[index]
+
+
+def bench_gpu(path: str, args) -> dict:
+    import torchvision
+    from torchvision.transforms.v2 import functional as F
+
+    from mmtrain.data.image_folder import image_folder_dataset
+    from mmtrain.data.tokenizers import shapes_tokenizer
+    from mmtrain.data.transforms import ContrastiveImageTransform
+
+    device = torch.device("cuda")
+    dataset = image_folder_dataset("train", path=path, image_size=args.image_size)
+    tokenizer = shapes_tokenizer(16)
+    crop = ContrastiveImageTransform(args.image_size, train=True, scale=(0.35, 1.0))
+    mean = torch.tensor(crop.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(crop.std, device=device).view(1, 3, 1, 1)
+    loader = torch.utils.data.DataLoader(
+        _FileBytes(dataset), batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+        collate_fn=_as_list, drop_last=True, persistent_workers=args.num_workers > 0,
+    )
+    rng = random.Random(0)
+
+    def batches():
+        while True:
+            for samples in loader:
+                datas, texts = zip(*samples)
+                decoded = torchvision.io.decode_jpeg(list(datas), device=device, mode=torchvision.io.ImageReadMode.RGB)
+                out = []
+                for image, text in zip(decoded, texts):
+                    top, left, h, w = crop.crop_params(image.shape[-2], image.shape[-1], rng)
+                    image = F.resized_crop(image, top, left, h, w, [args.image_size] * 2, antialias=True)
+                    if rng.random() < 0.5 and crop.flip_allowed(text):
+                        image = F.horizontal_flip(image)
+                    out.append(image)
+                pixels = (torch.stack(out).float().div_(255) - mean) / std
+                tokens = tokenizer(list(texts))
+                yield {"pixel_values": pixels, "input_ids": tokens["input_ids"].to(device, non_blocking=True)}
+
+    seconds, images = _time_batches(batches(), args.num_batches, torch.cuda.synchronize)
+    return {"path": "gpu", "images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "num_workers": args.num_workers, "device": torch.cuda.get_device_name()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    workdir = None
+    path = args.path
+    if path is None:
+        workdir = Path(tempfile.mkdtemp(prefix="mmtrain-bench-data-"))
+        path = str(write_jpeg_folder(workdir, args.num_images, args.source_size))
+    try:
+        results = []
+        wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
+        if "cpu" in wanted:
+            results.append(bench_cpu(path, args))
+        if "gpu" in wanted:
+            if torch.cuda.is_available():
+                results.append(bench_gpu(path, args))
+            else:
+                print("gpu path skipped: CUDA is not available")
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report = {
+        "benchmark": "data", "image_size": args.image_size, "batch_size": args.batch_size,
+        "source": args.path or f"generated {args.num_images} JPEGs at {args.source_size}px",
+        "torch": torch.__version__, "results": results,
+    }
+    print(f"{'path':<6} {'workers':>7} {'images':>7} {'seconds':>8} {'images/s':>10}")
+    for r in results:
+        print(f"{r['path']:<6} {r['num_workers']:>7} {r['images']:>7} {r['seconds']:>8.2f} {r['images_per_s']:>10.1f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
