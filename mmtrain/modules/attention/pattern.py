@@ -35,18 +35,23 @@ KeepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Scores per chunk on the masked path: queries per chunk = this budget / number of keys in the chunk's range.
 _CHUNK_ELEMENTS = 1 << 21
 
+_MAX_CACHED_BLOCK_MASKS = 16
+
 _flex_state: dict[str, Any] = {}
 
 
 def flex_functions() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    """``(compiled flex_attention, create_block_mask)``, or None where this torch has no FlexAttention."""
+    """``(compiled flex_attention, compiled create_block_mask)``, or None where torch has no FlexAttention.
+
+    ``create_block_mask`` is compiled too: uncompiled, it materializes the ``(B, H, S_q, S_k)`` mask it summarizes.
+    """
     if "fns" not in _flex_state:
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         except ImportError:  # pragma: no cover - torch >= 2.5 has it
             _flex_state["fns"] = None
         else:
-            _flex_state["fns"] = (torch.compile(flex_attention, dynamic=False), create_block_mask)
+            _flex_state["fns"] = (torch.compile(flex_attention), torch.compile(create_block_mask))
     return _flex_state["fns"]
 
 
@@ -55,11 +60,7 @@ def make_block_mask(keep4: Callable[..., torch.Tensor], batch: int | None, heads
     """A FlexAttention block mask for ``keep4(b, h, q_idx, kv_idx)``, built without an ``S_q x S_k`` tensor."""
     fns = flex_functions()
     assert fns is not None
-    create_block_mask = fns[1]
-    try:
-        return create_block_mask(keep4, batch, heads, s_q, s_k, device=device, _compile=True)
-    except TypeError:  # a torch without the private _compile switch
-        return create_block_mask(keep4, batch, heads, s_q, s_k, device=device)
+    return fns[1](keep4, batch, heads, s_q, s_k, device=device)
 
 
 def normalize_key_padding_mask(key_padding_mask: torch.Tensor | None, q: torch.Tensor,
@@ -200,6 +201,8 @@ class PatternAttention(Attention):
             if block_mask is None:
                 block_mask = make_block_mask(lambda b, h, qi, ki: keep(qi, ki), None, None, s_q, s_k, q.device)
                 if cache_key is not None:
+                    if len(self._block_masks) >= _MAX_CACHED_BLOCK_MASKS:  # variable lengths: keep the newest few
+                        self._block_masks.pop(next(iter(self._block_masks)))
                     self._block_masks[(cache_key, q.device)] = block_mask
         else:
             batch, heads = q4.shape[0], q4.shape[1]

@@ -349,3 +349,20 @@ def test_approximations_keep_bfloat16_inputs_finite(mechanism):
     q, k, v = (t.to(torch.bfloat16) for t in qkv(2, 2, s=16))
     out = attention.to(torch.bfloat16)(q, k, v) if mechanism == "linformer" else attention(q, k, v)
     assert out.dtype == torch.bfloat16 and out.shape == (2, 2, 16, 8) and torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mechanism", ["linformer", "nystrom", "favor", "favor_causal"])
+def test_bfloat16_on_gpu_stays_close_to_float64(mechanism):
+    torch.manual_seed(0)
+    if mechanism == "linformer":
+        attention = LinformerAttention(seq_len=512, k=64)
+    elif mechanism == "nystrom":
+        attention = NystromAttention(num_heads=4, num_landmarks=32)
+    else:
+        attention = FavorAttention(dim_head=64, causal=mechanism == "favor_causal")
+    q, k, v = qkv(2, 4, s=512, d=64, scale=0.5)
+    expected = attention.double()(q, k, v)
+    got = attention.to("cuda", torch.bfloat16)(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)))
+    assert relative_error(got.double().cpu(), expected) < 3e-2

@@ -184,3 +184,19 @@ def test_causal_mechanisms_in_a_causal_wrapper_ignore_the_future(name):
 def test_non_causal_mechanisms_refuse_a_causal_model(name):
     with pytest.raises(ConfigError, match="cannot be causal"):
         MultiHeadAttention(embed_dim=16, num_heads=2, is_causal=True, attention={"name": name})
+
+
+@pytest.mark.parametrize("config", [{"name": "local", "window_size": 3}, {"name": "random", "r": 0.3},
+                                    {"name": "global", "attention_query_mask": 2}, {"name": "favor"},
+                                    {"name": "scaled_dot_product"}], ids=lambda c: c["name"])
+def test_decoding_with_a_kv_cache_matches_the_full_causal_pass(config):
+    """One token at a time through the cache: the causal band is aligned bottom-right (query = newest position)."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(embed_dim=16, num_heads=2, is_causal=True, max_seq_len=8, attention=dict(config))
+    mha.eval()
+    x = torch.randn(1, 8, 16)
+    full = mha(x)
+    mha.setup_cache(batch_size=1, dtype=torch.float32, max_seq_len=8)
+    prefix = mha(x[:, :3])
+    steps = [mha(x[:, i:i + 1]) for i in range(3, 8)]
+    torch.testing.assert_close(torch.cat([prefix, *steps], dim=1), full)
