@@ -63,7 +63,7 @@ def decode_image(source: str | bytes | os.PathLike, max_image_pixels: int | None
     The pixel limit is checked from the header, before any pixel is decoded: a decompression bomb costs
     nothing but the header read.
     """
-    handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")  # noqa: SIM115
     with handle, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = Image.open(handle)
@@ -187,7 +187,7 @@ class ImageTextFolder(torch.utils.data.Dataset):
             if isinstance(source, Image.Image):
                 return _to_rgb(source)
             return decode_image(source, self.max_image_pixels)
-        except Exception as error:  # corrupt files raise many types (OSError, SyntaxError, struct.error, ...)
+        except Exception as error:  # corrupt files raise many types (OSError, SyntaxError, struct.error, ...)  # noqa: BLE001
             self.num_skipped += 1
             if self.num_skipped <= _MAX_LOGGED_SKIPS:
                 logger.warning("skipping unreadable image %s: %s: %s", name, type(error).__name__, error)
@@ -210,7 +210,7 @@ class ImageTextFolder(torch.utils.data.Dataset):
                 if not isinstance(source, Image.Image):
                     decode_image(source, self.max_image_pixels)
                 return
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001
                 errors.append(f"{name}: {type(error).__name__}: {error}")
         if errors:
             scope = "no image" if len(errors) == len(self) else f"none of the first {len(errors)} images"
@@ -234,7 +234,7 @@ def _from_saved(path: Path, split: str, text_column: str, image_column: str, fra
 
     try:
         loaded = datasets.load_from_disk(str(path))
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001
         raise DataError(f"{path}: cannot load with datasets.load_from_disk: {error}") from None
     carve = False
     if isinstance(loaded, datasets.DatasetDict):

@@ -149,7 +149,7 @@ def _sample_scene(
     def place(lo_x: float, hi_x: float, lo_y: float, hi_y: float) -> tuple[int, int]:
         x = rng.uniform(lo_x, hi_x) if hi_x > lo_x else (lo_x + hi_x) / 2
         y = rng.uniform(lo_y, hi_y) if hi_y > lo_y else (lo_y + hi_y) / 2
-        return int(round(x)), int(round(y))
+        return round(x), round(y)
 
     size = float(image_size)
     if relation is not None:
@@ -169,9 +169,9 @@ def _sample_scene(
         hi_c = min(size - rb, cross_a + cross_max)
         cross_b = rng.uniform(lo_c, hi_c) if hi_c > lo_c else cross_a
         if vertical:
-            a["position"], b["position"] = (int(round(cross_a)), int(round(main_a))), (int(round(cross_b)), int(round(main_b)))
+            a["position"], b["position"] = (round(cross_a), round(main_a)), (round(cross_b), round(main_b))
         else:
-            a["position"], b["position"] = (int(round(main_a)), int(round(cross_a))), (int(round(main_b)), int(round(cross_b)))
+            a["position"], b["position"] = (round(main_a), round(cross_a)), (round(main_b), round(cross_b))
     else:
         placed: list[dict] = []
         for obj in objects:
@@ -315,11 +315,11 @@ class ShapesCaptions(torch.utils.data.Dataset):
         self.split = split
         self.num_samples = int(num_samples)
         self.image_size = int(image_size)
-        self.render_kwargs = dict(
-            num_objects=int(num_objects), seed=int(seed), colours=tuple(colours), shapes=tuple(shapes),
-            sizes=tuple(sizes), relations=tuple(relations), size_jitter=float(size_jitter),
-            background=tuple(int(c) for c in background),
-        )
+        self.render_kwargs = {
+            "num_objects": int(num_objects), "seed": int(seed), "colours": tuple(colours), "shapes": tuple(shapes),
+            "sizes": tuple(sizes), "relations": tuple(relations), "size_jitter": float(size_jitter),
+            "background": tuple(int(c) for c in background),
+        }
         self.transform_kwargs = _plain(transform or {})
         self._images: torch.Tensor | None = None
         self._objects: list[list[dict]] = []

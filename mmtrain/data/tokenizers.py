@@ -52,7 +52,7 @@ class WordPieceTokenizer:
                 tokenizer = _tokenizer_from_vocab(path, lowercase)
         except ConfigError:
             raise
-        except Exception as error:  # the Rust side raises plain Exceptions with its own message
+        except Exception as error:  # the Rust side raises plain Exceptions with its own message  # noqa: BLE001
             raise ConfigError(f"tokenizer.path: cannot load {path}: {error}") from None
         vocab = tokenizer.get_vocab()
         for token in ("[PAD]", "[CLS]", "[SEP]", "[UNK]"):

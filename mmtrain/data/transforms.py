@@ -33,7 +33,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_SIDE_WORDS = re.compile(r"\b(left|right|lefts|rights|leftmost|rightmost|leftward|rightward|leftwards|rightwards)\b", re.I)
+_SIDE_WORDS = re.compile(r"\b(left|right|lefts|rights|leftmost|rightmost|leftward|rightward|leftwards|rightwards)\b", re.IGNORECASE)
 
 
 def mentions_left_or_right(text: str) -> bool:
@@ -100,15 +100,15 @@ class ContrastiveImageTransform:
         for _ in range(10):
             target_area = area * rng.uniform(*self.scale)
             aspect = math.exp(rng.uniform(*log_ratio))
-            w = int(round(math.sqrt(target_area * aspect)))
-            h = int(round(math.sqrt(target_area / aspect)))
+            w = round(math.sqrt(target_area * aspect))
+            h = round(math.sqrt(target_area / aspect))
             if 0 < w <= width and 0 < h <= height:
                 return rng.randint(0, height - h), rng.randint(0, width - w), h, w
         in_ratio = width / height
         if in_ratio < self.ratio[0]:
-            w, h = width, int(round(width / self.ratio[0]))
+            w, h = width, round(width / self.ratio[0])
         elif in_ratio > self.ratio[1]:
-            h, w = height, int(round(height * self.ratio[1]))
+            h, w = height, round(height * self.ratio[1])
         else:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w

@@ -30,8 +30,7 @@ def _png_bomb(width=30000, height=30000):
 
 def _write_meta(split_dir, rows):
     with open(split_dir / "metadata.jsonl", "wb") as f:
-        for row in rows:
-            f.write(row if isinstance(row, bytes) else (json.dumps(row) + "\n").encode())
+        f.writelines(row if isinstance(row, bytes) else (json.dumps(row) + "\n").encode() for row in rows)
 
 
 def test_reads_train_and_carves_a_stable_validation(tmp_path):
@@ -79,8 +78,7 @@ def test_corrupt_truncated_and_bomb_images_are_skipped_and_counted(tmp_path):
     (d / "bomb.png").write_bytes(_png_bomb())
     Image.new("RGB", (300, 300)).save(d / "big.png")  # over the configured pixel limit below
     with open(d / "metadata.jsonl", "a") as f:
-        for name in ["corrupt.jpg", "truncated.png", "bomb.png", "big.png"]:
-            f.write(json.dumps({"file_name": name, "text": name}) + "\n")
+        f.writelines(json.dumps({"file_name": name, "text": name}) + "\n" for name in ["corrupt.jpg", "truncated.png", "bomb.png", "big.png"])
     write_image_folder(tmp_path, [(_rgb(0), "v")], split="validation")
     ds = image_folder_dataset("train", path=str(tmp_path), image_size=8, max_image_pixels=50_000,
                               max_skipped_fraction=0.6)

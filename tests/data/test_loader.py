@@ -56,7 +56,7 @@ def test_same_global_batches_on_one_and_two_ranks(drop_last):
 
 def test_exact_resume_mid_epoch_and_across_epochs(data):
     ds, tok = data
-    make = lambda: build_contrastive_loader(ds, tok, batch_size=4, seed=1, drop_last=True)  # noqa: E731
+    make = lambda: build_contrastive_loader(ds, tok, batch_size=4, seed=1, drop_last=True)
     straight = make()
     reference = _batches(straight) + _batches(straight)  # two epochs, 5 batches each
     first = make()

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from mmtrain.data.shapes import COLOURS, ShapesCaptions, _sample_scene, _scene_key, render_scene, shapes_dataset
+from mmtrain.data.shapes import (
+    COLOURS,
+    ShapesCaptions,
+    _sample_scene,
+    _scene_key,
+    render_scene,
+    shapes_dataset,
+)
 from mmtrain.errors import ConfigError
 
 
