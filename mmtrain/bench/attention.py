@@ -25,7 +25,8 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +133,73 @@ class _Timer:
         return statistics.median(times), (torch.cuda.max_memory_allocated() - held) / 2**20
 
 
+def _bench_sequence_length(args: argparse.Namespace, seq_len: int, device: torch.device, dtype: torch.dtype,
+                           batch: int, heads: int, head_dim: int, window: int, timer: _Timer, warmup: int,
+                           iters: int) -> list[dict[str, Any]]:
+    """Rows for one sequence length: the baselines, then each mechanism (and its masked reference)."""
+    results: list[dict[str, Any]] = []
+    generator = torch.Generator(device=device).manual_seed(0)
+    shape = (batch, heads, seq_len, head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator).requires_grad_()
+               for _ in range(3))
+    grad_out = torch.randn(shape, device=device, dtype=dtype, generator=generator)
+
+    def record(name: str, forward: Callable[[], torch.Tensor], pairs: int | None,
+               reference_of: str | None = None) -> torch.Tensor | None:
+        def step() -> None:
+            for tensor in (q, k, v):
+                tensor.grad = None
+            forward().backward(grad_out)
+
+        row: dict[str, Any] = {"mechanism": name, "seq_len": seq_len, "time_ms": None, "peak_mem_mb": None,
+                               "tflops": None, "useful_pairs": pairs, "status": "ok"}
+        if reference_of:
+            row["reference_of"] = reference_of
+        output = None
+        try:
+            row["time_ms"], row["peak_mem_mb"] = timer.measure(step, warmup, iters)
+            with torch.no_grad():
+                output = forward()
+        except torch.OutOfMemoryError:
+            row["status"] = "oom"
+        except RuntimeError as err:  # kernels that refuse a size: recorded, not fatal
+            row["status"] = f"error: {' '.join(str(err).split())[:200]}"
+        finally:
+            for tensor in (q, k, v):
+                tensor.grad = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if row["time_ms"] and pairs:
+            flops = 4 * batch * heads * head_dim * pairs * FORWARD_BACKWARD_FLOP_FACTOR
+            row["tflops"] = flops / (row["time_ms"] * 1e-3) / 1e12
+        results.append(row)
+        return output
+
+    dense = ScaledDotProduct()
+    record("sdpa", lambda: dense(q, k, v), seq_len * seq_len)
+    if not args.no_references:
+        # The mask is built inside the step so that its S x S bytes count in the peak.
+        record("sdpa_masked", lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)), seq_len * seq_len)
+        record("naive", lambda: _naive(q, k, v), seq_len * seq_len)
+
+    for name in args.mechanisms:
+        attention = _build(name, seq_len, heads, head_dim, window).to(device)
+        if name == "linformer":
+            attention = attention.to(dtype)
+        pairs = _count_pairs(attention, seq_len, device) if isinstance(attention, PatternAttention) else None
+        output = record(name, lambda attention=attention: attention(q, k, v), pairs)
+        if isinstance(attention, PatternAttention) and not args.no_references:
+            pattern = attention.pattern(seq_len, seq_len, device=device)
+            reference = record(f"{name}_masked_reference",
+                               lambda pattern=pattern: F.scaled_dot_product_attention(q, k, v, attn_mask=pattern), pairs,
+                               reference_of=name)
+            if output is not None and reference is not None:
+                results[-2]["max_abs_err_vs_reference"] = float((output.float() - reference.float()).abs().max())
+
+    return results
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     smoke = args.smoke or not torch.cuda.is_available()
     if smoke:
@@ -152,66 +220,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
 
     for seq_len in seq_lens:
-        generator = torch.Generator(device=device).manual_seed(0)
-        shape = (batch, heads, seq_len, head_dim)
-        q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator).requires_grad_()
-                   for _ in range(3))
-        grad_out = torch.randn(shape, device=device, dtype=dtype, generator=generator)
-
-        def record(name: str, forward: Callable[[], torch.Tensor], pairs: int | None,
-                   reference_of: str | None = None) -> torch.Tensor | None:
-            def step() -> None:
-                for tensor in (q, k, v):
-                    tensor.grad = None
-                forward().backward(grad_out)
-
-            row: dict[str, Any] = {"mechanism": name, "seq_len": seq_len, "time_ms": None, "peak_mem_mb": None,
-                                   "tflops": None, "useful_pairs": pairs, "status": "ok"}
-            if reference_of:
-                row["reference_of"] = reference_of
-            output = None
-            try:
-                row["time_ms"], row["peak_mem_mb"] = timer.measure(step, warmup, iters)
-                with torch.no_grad():
-                    output = forward()
-            except torch.OutOfMemoryError:
-                row["status"] = "oom"
-            except RuntimeError as err:  # kernels that refuse a size: recorded, not fatal
-                row["status"] = f"error: {' '.join(str(err).split())[:200]}"
-            finally:
-                for tensor in (q, k, v):
-                    tensor.grad = None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            if row["time_ms"] and pairs:
-                flops = 4 * batch * heads * head_dim * pairs * FORWARD_BACKWARD_FLOP_FACTOR
-                row["tflops"] = flops / (row["time_ms"] * 1e-3) / 1e12
-            results.append(row)
-            return output
-
-        dense = ScaledDotProduct()
-        record("sdpa", lambda: dense(q, k, v), seq_len * seq_len)
-        if not args.no_references:
-            # The mask is built inside the step so that its S x S bytes count in the peak.
-            record("sdpa_masked", lambda: F.scaled_dot_product_attention(
-                q, k, v, attn_mask=torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)), seq_len * seq_len)
-            record("naive", lambda: _naive(q, k, v), seq_len * seq_len)
-
-        for name in args.mechanisms:
-            attention = _build(name, seq_len, heads, head_dim, window).to(device)
-            if name == "linformer":
-                attention = attention.to(dtype)
-            pairs = _count_pairs(attention, seq_len, device) if isinstance(attention, PatternAttention) else None
-            output = record(name, lambda: attention(q, k, v), pairs)
-            if isinstance(attention, PatternAttention) and not args.no_references:
-                pattern = attention.pattern(seq_len, seq_len, device=device)
-                reference = record(f"{name}_masked_reference",
-                                   lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=pattern), pairs,
-                                   reference_of=name)
-                del pattern
-                if output is not None and reference is not None:
-                    results[-2]["max_abs_err_vs_reference"] = float((output.float() - reference.float()).abs().max())
-            del attention
+        results.extend(_bench_sequence_length(args, seq_len, device, dtype, batch, heads, head_dim, window, timer,
+                                              warmup, iters))
 
     return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -252,8 +262,9 @@ def _summary(results: list[dict[str, Any]], longest: int) -> dict[str, Any]:
 
 
 def _format_table(report: dict[str, Any]) -> str:
-    lines = [f"attention fwd+bwd on {report['device']} ({report['dtype']}, batch {report['batch']}, "
-             f"{report['heads']} heads x {report['head_dim']})",
+    title = (f"attention fwd+bwd on {report['device']} ({report['dtype']}, batch {report['batch']}, "
+             f"{report['heads']} heads x {report['head_dim']})")
+    lines = [title,
              f"{'mechanism':<28}{'seq':>7}{'ms':>10}{'peak MiB':>11}{'TFLOP/s':>9}  status"]
     for row in report["results"]:
         def fmt(value: Any, spec: str) -> str:

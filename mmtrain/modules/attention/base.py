@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,7 +61,7 @@ class Attention(nn.Module):
         self.attn_drop = nn.Dropout(self.dropout, inplace=False)
 
     @classmethod
-    def from_config(cls, config: Any) -> "Attention":
+    def from_config(cls, config: Any) -> Attention:
         """Build from a config's fields; ``name``/``module`` are dropped, a misspelt argument is an error.
 
         The fields the multi-head wrapper fills for every mechanism (``SHARED_ARGUMENTS``) are passed on and a

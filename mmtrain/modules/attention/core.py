@@ -28,7 +28,7 @@ class AttentionMask:
         self.is_causal = is_causal
 
     @classmethod
-    def from_bool(cls, x: torch.Tensor) -> "AttentionMask":
+    def from_bool(cls, x: torch.Tensor) -> AttentionMask:
         """True keeps a position, False drops it."""
         if x.dtype != torch.bool:
             raise ValueError(f"from_bool expects a bool tensor, got {x.dtype}")
@@ -36,7 +36,7 @@ class AttentionMask:
         return cls(additive.masked_fill(~x, float("-inf")))
 
     @classmethod
-    def from_multiplicative(cls, x: torch.Tensor) -> "AttentionMask":
+    def from_multiplicative(cls, x: torch.Tensor) -> AttentionMask:
         """A multiplicative mask: 0 drops a position, anything else keeps it."""
         return cls.from_bool(x != 0)
 
@@ -47,24 +47,24 @@ class AttentionMask:
         to_seq_len: int | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
-    ) -> "AttentionMask":
+    ) -> AttentionMask:
         to_seq_len = to_seq_len or seq_len
         keep = torch.ones(seq_len, to_seq_len, dtype=torch.bool, device=device).tril()
         additive = torch.zeros(seq_len, to_seq_len, dtype=dtype or torch.float32, device=device)
         return cls(additive.masked_fill(~keep, float("-inf")), is_causal=True)
 
-    def make_crop(self, seq_len: int, to_seq_len: int | None = None) -> "AttentionMask":
+    def make_crop(self, seq_len: int, to_seq_len: int | None = None) -> AttentionMask:
         """A cropped mask whose tensor is a view of this one."""
         to_seq_len = to_seq_len or seq_len
         return AttentionMask(self.values[..., :seq_len, :to_seq_len], is_causal=self.is_causal)
 
-    def to(self, *args: Any, **kwargs: Any) -> "AttentionMask":
+    def to(self, *args: Any, **kwargs: Any) -> AttentionMask:
         values = self.values.to(*args, **kwargs)
         if not values.is_floating_point():
             raise ValueError("an AttentionMask stays floating point")
         return AttentionMask(values, is_causal=self.is_causal)
 
-    def __add__(self, other: "AttentionMask") -> "AttentionMask":
+    def __add__(self, other: AttentionMask) -> AttentionMask:
         if not isinstance(other, AttentionMask):
             return NotImplemented
         return AttentionMask(self.values + other.values, is_causal=self.is_causal or other.is_causal)

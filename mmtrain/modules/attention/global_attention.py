@@ -8,7 +8,8 @@ positions. A non-global query whose row holds no global key (possible only under
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -163,9 +164,12 @@ class PatternAttention(Attention):
         s_k = s_q if s_k is None else s_k
         device = torch.device(device or "cpu")
         keep = self.make_keep(s_q, s_k, device)
-        q_idx = torch.arange(s_q, device=device)[:, None]
         kv_idx = torch.arange(s_k, device=device)[None, :]
-        return keep(q_idx, kv_idx).expand(s_q, s_k).clone()
+        out = torch.empty(s_q, s_k, dtype=torch.bool, device=device)
+        for start in range(0, s_q, 1024):  # row blocks: the index arithmetic never spans S_q x S_k int64 values
+            q_idx = torch.arange(start, min(s_q, start + 1024), device=device)[:, None]
+            out[start:start + q_idx.shape[0]] = keep(q_idx, kv_idx)
+        return out
 
     def forward(
         self,

@@ -69,7 +69,7 @@ class RandomAttention(PatternAttention):
         offset, causal = self.query_offset(s_q, s_k), self.causal
         # A changing seed travels as a tensor so compiled FlexAttention does not recompile for every new draw.
         seed: int | torch.Tensor = self.seed if self.constant_masking else torch.tensor(self.seed, device=device)
-        threshold = int(round(self.r * 2**32))
+        threshold = round(self.r * 2**32)
 
         def keep(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
             position = q_idx + offset

@@ -192,7 +192,7 @@ def test_flex_path_matches_reference_on_gpu(dtype):
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype, generator=g) for _ in range(3))
     key_padding = torch.ones(b, 1, 1, s, dtype=torch.bool, device="cuda")
     key_padding[1, ..., 250:] = False
-    tolerance = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-4, rtol=2e-4)
+    tolerance = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 2e-4, "rtol": 2e-4}
     mechanisms = [LocalAttention(window_size=33), LocalAttention(window_size=16, causal=True),
                   RandomAttention(r=0.05), RandomAttention(r=0.05, causal=True),
                   GlobalAttention(attention_query_mask=3), GlobalAttention(attention_query_mask=3, causal=True)]

@@ -39,7 +39,7 @@ EXPECTED = {
     "global": GlobalAttention,
     "favor": FavorAttention,
 }
-WRAPPER_DEFAULTS = dict(dropout=0.0, causal=False, num_heads=2, dim_head=8, dim_model=16, seq_len=32)
+WRAPPER_DEFAULTS = {"dropout": 0.0, "causal": False, "num_heads": 2, "dim_head": 8, "dim_model": 16, "seq_len": 32}
 
 
 def test_registry_names_are_xformers_names():
