@@ -121,6 +121,14 @@ def init_distributed(
         kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
         if dev.type == "cuda":
             kwargs["device_id"] = dev  # eager NCCL init bound to this GPU, no device guessing in collectives
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and os.environ.get("MASTER_ADDR"):
+            # After a torchrun restart the workers may share the previous attempt's store; keys of the dead
+            # attempt (e.g. rank 0's old gloo address) must not be read by the new one, so each attempt gets
+            # its own key prefix.
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=kwargs["timeout"]))
+            kwargs.update(store=dist.PrefixStore(f"mmtrain/attempt_{restart}", store), rank=rank,
+                          world_size=world_size)
         dist.init_process_group(**kwargs)
     if dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -275,11 +283,9 @@ def wrap_model(
     if strategy == "none" or not _initialized():
         return model
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         dev = next(model.parameters()).device
         device_ids = [dev] if dev.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+        return _ddp_class()(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
     fully_shard, MixedPrecisionPolicy, register_fsdp_forward_method = _fsdp_api()
     param_dtype = _mixed_precision_dtype(mixed_precision)
@@ -295,6 +301,46 @@ def wrap_model(
         if callable(getattr(type(model), name, None)):
             register_fsdp_forward_method(model, name)
     return model
+
+
+_DDP_CLASS: type | None = None
+
+
+def _ddp_class() -> type:
+    """``DistributedDataParallel`` that also answers the dual-encoder interface, for evaluation.
+
+    DDP arms its gradient all-reduce only inside ``forward``; a gradient computed through ``encode_image`` would
+    never be synchronized. So the interface methods are forwarded to the wrapped model only without autograd
+    (``torch.no_grad()``, as in eval); with autograd on they raise and point to ``forward`` /
+    ``dual_encoder_forward``.
+    """
+    global _DDP_CLASS
+    if _DDP_CLASS is None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        def passthrough(name: str) -> Any:
+            def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+                target = getattr(self.module, name)
+                if name in ("encode_image", "encode_text") and torch.is_grad_enabled() and self.training:
+                    raise RuntimeError(
+                        f"DDP model.{name}() with autograd would skip the gradient all-reduce; train through "
+                        "model(...) or mmtrain.training.distributed.dual_encoder_forward, or wrap eval in "
+                        "torch.no_grad()"
+                    )
+                return target(*args, **kwargs)
+
+            method.__name__ = name
+            return method
+
+        namespace = {name: passthrough(name) for name in (*_DUAL_ENCODER_METHODS, "layer_modules")}
+        _DDP_CLASS = type("DistributedDataParallel", (DistributedDataParallel,), namespace)
+    return _DDP_CLASS
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
 
 
 def _average_grad_hook(param: torch.Tensor) -> None:
@@ -317,7 +363,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif type(model).__name__ == "DistributedDataParallel":
+        elif _is_ddp(model):
             model = model.module
         else:
             return model
@@ -342,7 +388,7 @@ def dual_encoder_forward(
     pixel_values=, input_ids=, attention_mask=)`` is called, which must return ``(image_embeds, text_embeds)`` or an
     object with those attributes (HF ``AlignOutput``). Unwrapped and FSDP2 models are called method by method.
     """
-    if type(model).__name__ == "DistributedDataParallel":
+    if _is_ddp(model):
         inner = model.module
         out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
         if isinstance(out, (tuple, list)) and len(out) == 2:
@@ -367,7 +413,7 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     if enabled:
         yield
         return
-    if type(model).__name__ == "DistributedDataParallel":
+    if _is_ddp(model):
         with model.no_sync():
             yield
         return

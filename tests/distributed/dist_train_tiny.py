@@ -106,6 +106,7 @@ def run(strategy: str, steps: int, batch_size: int, loss_name: str, micro_batch_
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(distributed.all_reduce_mean(step_loss)))
+        distributed.maybe_inject_fault(step + 1)  # MMTRAIN_FAULT_STEP: a crash for --max-restarts tests
     checksum = 0.0
     for param in model.parameters():
         sharded = hasattr(param, "to_local")

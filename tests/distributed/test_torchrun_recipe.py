@@ -1,0 +1,131 @@
+"""`mmtrain run contrastive` with a tiny CLIP on two gloo ranks through the real launcher: checkpoints move between
+world sizes (saved on 2 ranks resume on 1 and the reverse, continuing like the uninterrupted run), and a rank killed
+once is restarted by ``--max-restarts 1`` and the run finishes with the uninterrupted run's loss."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "contrastive.py"
+pytestmark = pytest.mark.slow
+
+STEPS, CKPT_EVERY = 6, 3
+
+
+def tiny_clip_cfg(output_dir: pathlib.Path, max_steps: int = STEPS) -> dict:
+    return {
+        "output_dir": str(output_dir), "seed": 0, "max_steps": max_steps, "resume": "auto", "batch_size": 8,
+        "gradient_accumulation_steps": 1, "clip_grad_norm": 1.0, "device": "cpu", "precision": "fp32",
+        "compile": False, "activation_checkpointing": False, "num_workers": 0,
+        "log": {"every_n_steps": 1, "wandb": False, "tensorboard": False},
+        "eval": {"every_n_steps": 100, "batch_size": 16}, "checkpoint": {"every_n_steps": CKPT_EVERY, "keep": 2},
+        "distributed": {"strategy": "ddp"}, "nonfinite": {"policy": "stop", "max_consecutive": 3},
+        "model": {"_target_": "mmtrain.models.clip._dual_builders.clip_tiny", "vocab_size": 128, "image_size": 16,
+                  "context_length": 16, "embed_dim": 16},
+        "loss": {"_target_": "mmtrain.losses.ClipLoss"},
+        "tokenizer": {"_target_": "mmtrain.data.tokenizers.shapes_tokenizer", "max_length": 12},
+        "dataset": {"_target_": "mmtrain.data.shapes.shapes_dataset", "train_samples": 64,
+                    "validation_samples": 16, "image_size": 16},
+        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 5e-3, "weight_decay": 0.01},
+        "lr_scheduler": {"_target_": "mmtrain.training.schedules.warmup_cosine", "_partial_": True,
+                         "num_warmup_steps": 1},
+    }
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("contrastive_recipe_distributed_test", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_rank(output_dir: pathlib.Path, max_steps: int = STEPS) -> None:
+    assert "WORLD_SIZE" not in os.environ
+    _recipe().main(OmegaConf.create(tiny_clip_cfg(output_dir, max_steps)))
+
+
+def two_ranks(tmp_path: pathlib.Path, output_dir: pathlib.Path, max_steps: int = STEPS, *extra: str,
+              env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    config = tmp_path / f"tiny_clip_{output_dir.name}.yaml"
+    config.write_text(OmegaConf.to_yaml(OmegaConf.create(tiny_clip_cfg(output_dir, max_steps))))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), **(env_extra or {}))
+    cmd = [sys.executable, "-m", "mmtrain.cli.main", "run", "contrastive", "--config", str(config),
+           "--nproc-per-node", "2", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def losses(output_dir: pathlib.Path) -> dict[int, float]:
+    """step -> loss; a step logged twice (before a crash and after the restart) keeps its last value."""
+    out: dict[int, float] = {}
+    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if "loss" in event:
+            out[event["step"]] = event["loss"]
+    return out
+
+
+def _assert_continuation(expected: dict[int, float], got: dict[int, float]) -> None:
+    for step in range(CKPT_EVERY + 1, STEPS + 1):
+        assert abs(expected[step] - got[step]) < 1e-5, (step, expected[step], got[step])
+
+
+def _rewind_to_first_checkpoint(output_dir: pathlib.Path) -> None:
+    """Leave only the step-3 checkpoint, as if the run had stopped there (same max_steps, so the same schedule)."""
+    checkpoints = sorted(p for p in (output_dir / "checkpoints").iterdir() if p.is_dir())
+    assert [p.name for p in checkpoints] == [f"step_{CKPT_EVERY:08d}", f"step_{STEPS:08d}"]
+    shutil.rmtree(checkpoints[-1])
+
+
+def test_checkpoint_moves_between_world_sizes(tmp_path):
+    reference = tmp_path / "one_rank_uninterrupted"
+    one_rank(reference)
+    expected = losses(reference)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+
+    # Saved on 2 ranks, resumed on 1.
+    saved_on_two = tmp_path / "saved_on_two"
+    proc = two_ranks(tmp_path, saved_on_two)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = losses(saved_on_two)
+    for step in range(1, STEPS + 1):  # the 2-rank run itself matches the 1-rank run
+        assert abs(two[step] - expected[step]) < 1e-5, (step, two[step], expected[step])
+    _rewind_to_first_checkpoint(saved_on_two)
+    one_rank(saved_on_two)
+    _assert_continuation(expected, losses(saved_on_two))
+
+    # Saved on 1 rank, resumed on 2.
+    saved_on_one = tmp_path / "saved_on_one"
+    shutil.copytree(reference, saved_on_one)
+    _rewind_to_first_checkpoint(saved_on_one)
+    (saved_on_one / "metrics.jsonl").write_text("")
+    proc = two_ranks(tmp_path, saved_on_one)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stdout and f"step_{CKPT_EVERY:08d}" in proc.stdout
+    _assert_continuation(expected, losses(saved_on_one))
+
+
+def test_killed_rank_is_restarted_and_run_finishes(tmp_path):
+    reference = tmp_path / "reference"
+    one_rank(reference)
+    expected = losses(reference)
+    run_dir = tmp_path / "faulty"
+    # Rank 1 dies right after step 4 (after the step-3 checkpoint) on the first attempt only.
+    proc = two_ranks(tmp_path, run_dir, STEPS, "--max-restarts", "1",
+                     env_extra={"MMTRAIN_FAULT_STEP": "4", "MMTRAIN_FAULT_RANK": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # The group was restarted and resumed from the step-3 checkpoint (the crash came after step 4).
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{CKPT_EVERY:08d}'}" in proc.stdout, proc.stdout
+    got = losses(run_dir)
+    assert max(got) == STEPS
+    _assert_continuation(expected, got)
