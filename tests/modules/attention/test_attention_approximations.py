@@ -366,3 +366,35 @@ def test_bfloat16_on_gpu_stays_close_to_float64(mechanism):
     expected = attention.double()(q, k, v)
     got = attention.to("cuda", torch.bfloat16)(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)))
     assert relative_error(got.double().cpu(), expected) < 3e-2
+
+
+def test_linformer_error_falls_as_k_grows():
+    """Projections that average k equal segments of a smooth sequence: larger k, closer to exact attention."""
+    q, k = smooth_sequence(32, seed=0), smooth_sequence(32, seed=1)
+    v = smooth_sequence(32, seed=2)
+    exact = softmax_attention(q, k, v)
+    errors = []
+    for projected in (2, 4, 8, 32):
+        attention = LinformerAttention(seq_len=32, k=projected).double()
+        segment = 32 // projected
+        averaging = torch.zeros(projected, 32, dtype=torch.float64)
+        for row in range(projected):
+            averaging[row, row * segment:(row + 1) * segment] = 1.0 / segment
+        with torch.no_grad():
+            attention.E.weight.copy_(averaging)
+            attention.F.weight.copy_(averaging)
+        errors.append(relative_error(attention(q, k, v), exact))
+    assert errors[0] > errors[1] > errors[2] > errors[3] and errors[3] < 1e-12, errors
+
+
+def test_orthoformer_error_falls_with_more_orthogonal_landmarks():
+    """Two-stage attention through landmarks improves with more of them (it only becomes exact at m = S, where the
+    exact path is taken: the two softmaxes do not compose into one)."""
+    q, k, v = smooth_sequence(32, seed=0), smooth_sequence(32, seed=1), smooth_sequence(32, seed=2)
+    exact = softmax_attention(q, k, v)
+    errors = []
+    for landmarks in (2, 4, 8):
+        torch.manual_seed(0)
+        errors.append(relative_error(OrthoFormerAttention(num_landmarks=landmarks)(q, k, v), exact))
+    assert errors[0] > errors[1] > errors[2], errors
+    torch.testing.assert_close(OrthoFormerAttention(num_landmarks=32)(q, k, v), exact)
