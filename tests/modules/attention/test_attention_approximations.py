@@ -398,3 +398,19 @@ def test_orthoformer_error_falls_with_more_orthogonal_landmarks():
         errors.append(relative_error(OrthoFormerAttention(num_landmarks=landmarks)(q, k, v), exact))
     assert errors[0] > errors[1] > errors[2], errors
     torch.testing.assert_close(OrthoFormerAttention(num_landmarks=32)(q, k, v), exact)
+
+
+@pytest.mark.parametrize("mechanism", ["linformer", "nystrom", "nystrom_causal_conv", "favor", "favor_causal"])
+def test_gradients_match_finite_differences(mechanism):
+    torch.manual_seed(0)
+    if mechanism == "linformer":
+        attention = LinformerAttention(seq_len=8, k=3)
+    elif mechanism == "nystrom":
+        attention = NystromAttention(num_heads=1, num_landmarks=3)
+    elif mechanism == "nystrom_causal_conv":
+        attention = NystromAttention(num_heads=2, num_landmarks=3, causal=True, conv_kernel_size=3)
+    else:
+        attention = FavorAttention(dim_features=6, dim_head=4, causal=mechanism == "favor_causal")
+    attention = attention.double().eval()
+    q, k, v = (t.requires_grad_() for t in qkv(2, s=7, d=4))
+    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v), (q, k, v))
