@@ -87,6 +87,7 @@ class ContrastiveRecipe:
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        check_run_settings(cfg)
         self.dist = D.init_distributed(device=cfg.get("device", "auto"))
         self.device = self.dist.device
         self.output_dir = Path(str(cfg.output_dir)).expanduser()
@@ -361,6 +362,31 @@ class ContrastiveRecipe:
             f"done: {self.step} steps in {elapsed:.1f}s | final loss {loss_text} | {evals} | wrote {self.output_dir}: "
             f"model/ (exported weights + config), metrics.jsonl, metrics.png, checkpoints/")
         return summary
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """One-line ConfigErrors, before anything is built, for run settings that would otherwise fail deep inside
+    (a scheduler complaining about ``num_training_steps``, torch about a device string, mkdir about a file)."""
+    for key, optional in (("max_steps", False), ("checkpoint.every_n_steps", True), ("eval.every_n_steps", True)):
+        value = OmegaConf.select(cfg, key)
+        if value is None and optional:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if optional else 1):
+            what = "a positive integer (or 0 / null: never)" if optional else "a positive integer"
+            raise ConfigError(f"{key}: must be {what}, got {value!r}")
+    device = str(cfg.get("device", "auto"))
+    if device != "auto":
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"device: {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    output_dir = Path(str(cfg.output_dir)).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir: {output_dir} exists and is not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot create {output_dir} ({e.strerror or e})") from None
 
 
 def main(cfg: DictConfig) -> dict[str, Any]:

@@ -62,6 +62,11 @@ def validate(cfg: DictConfig, report: Any) -> None:
     batch = int(cfg.get("batch_size", 1))
     if batch % world:
         report.error("batch_size", f"global batch {batch} is not divisible by the world size {world}")
+    try:
+        check_tiling(cfg)
+    except ConfigError as e:
+        key, _, cause = str(e).partition(": ")
+        report.error(key, cause)
     patch = int(OmegaConf.select(cfg, "model.patch_size") or 14)
     tile = int(OmegaConf.select(cfg, "model.image_size") or 560)
     tiles = int(OmegaConf.select(cfg, "memory.tiles_per_image") or OmegaConf.select(cfg, "model.max_num_tiles") or 1)
@@ -72,6 +77,23 @@ def validate(cfg: DictConfig, report: Any) -> None:
         activation_checkpointing=bool(cfg.get("activation_checkpointing", False)))
     report.info(f"memory ({strategy}, {world} GPU{'s' if world > 1 else ''}, {precision}, global batch {batch}): "
                 f"{estimate.describe()}")
+
+
+def check_tiling(cfg: DictConfig) -> None:
+    """The image tiling must divide evenly and agree between model and dataset (otherwise the encoder's patch
+    count and the cross-attention masks disagree deep inside attention): one-line ConfigError naming the key."""
+    patch = OmegaConf.select(cfg, "model.patch_size")
+    tile = OmegaConf.select(cfg, "model.image_size")
+    if isinstance(patch, int) and isinstance(tile, int) and patch > 0 and tile % patch:
+        raise ConfigError(f"model.patch_size: {patch} does not divide model.image_size (the tile size) {tile}")
+    for model_key, data_keys in (("model.patch_size", ("dataset.patch_size",)),
+                                 ("model.image_size", ("dataset.image_size", "dataset.tile_size"))):
+        model_value = OmegaConf.select(cfg, model_key)
+        for data_key in data_keys:
+            data_value = OmegaConf.select(cfg, data_key)
+            if model_value is not None and data_value is not None and data_value != model_value:
+                raise ConfigError(f"{data_key}: {data_value} differs from {model_key} {model_value}; the dataset "
+                                  "must tile images the way the model's encoder does")
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -161,6 +183,7 @@ def main(cfg: DictConfig) -> dict:
     from mmtrain.training.metrics import MetricLogger
 
     t_start = time.perf_counter()
+    check_tiling(cfg)
     seed = int(cfg.get("seed", 0))
     torch.manual_seed(seed)
     dist_info = init_distributed(cfg.get("device", "auto"))

@@ -19,7 +19,8 @@ What one checkpoint holds (all of it tensors, so loading never unpickles code):
 - ``rng.rank<r>``: torch CPU / CUDA / python / numpy generator states of every rank.
 
 Writes go to a temporary folder, are fsync'd, get the marker, and are renamed; a failed write (disk full)
-removes the temporary folder, keeps the previous checkpoint and says so. ``latest_complete()`` verifies
+removes the temporary folder, keeps the previous checkpoint and says so. ``MMTRAIN_FAULT_AFTER_TMP_WRITE=N``
+(tests) kills the process after the temporary folder of step N is written, before marker and rename. ``latest_complete()`` verifies
 markers and checksums and skips (and reports) truncated or corrupted checkpoints.
 """
 
@@ -286,6 +287,19 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------------------ fault hook
+FAULT_ENV = "MMTRAIN_FAULT_AFTER_TMP_WRITE"
+
+
+def _maybe_die_after_tmp_write(step: int) -> None:
+    """Test hook: with ``MMTRAIN_FAULT_AFTER_TMP_WRITE=N`` (a step, or ``any``) the process dies like ``kill -9``
+    (``os._exit(137)``: no cleanup) once the checkpoint of step N is in its temporary folder, before the marker
+    and the rename. Without the variable it does nothing."""
+    value = os.environ.get(FAULT_ENV, "").strip()
+    if value and (value == "any" or (value.isdigit() and int(value) == step)):
+        os._exit(137)
+
+
 # ------------------------------------------------------------------------------------------ manager
 class CheckpointManager:
     """Saves, finds, verifies and loads training-state checkpoints under ``<output_dir>/checkpoints``.
@@ -376,6 +390,7 @@ class CheckpointManager:
                 state = self._state_to_save(step, model, optimizer, scheduler, train_state)
                 with _quiet_single_process():
                     dcp.save(state, storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not _dist_on())
+                _maybe_die_after_tmp_write(step)
             except (OSError, CheckpointException) as e:
                 error = e
         if _all_ranks_ok(error is None) and _rank() == 0:
