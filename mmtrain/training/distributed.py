@@ -261,12 +261,15 @@ def wrap_model(
     mixed_precision: bool | str | torch.dtype | None = None,
     reshard_after_forward: bool = True,
     layer_modules: Sequence[nn.Module] | None = None,
-    find_unused_parameters: bool = False,
+    find_unused_parameters: bool = True,
 ) -> nn.Module:
     """Move ``model`` to ``device`` and wrap it for data parallelism.
 
     - ``"none"`` (or any strategy in a single process): the model itself.
     - ``"ddp"``: ``DistributedDataParallel``; gradients all-reduced in fp32 (use autocast for bf16 compute).
+      ``find_unused_parameters`` defaults to True because some dual encoders hold parameters the contrastive loss
+      never reaches (ALIGN's BERT pooler, as in HF); pass False for models that use every parameter (CLIP) to
+      skip the per-step graph walk.
     - ``"fsdp"``: FSDP2 ``fully_shard`` on each module of ``layer_modules`` (default ``model.layer_modules()``),
       then on the root. ``mixed_precision`` (``True``/``"bf16"``) gives ``MixedPrecisionPolicy(param_dtype=bf16,
       reduce_dtype=fp32)``; ``reshard_after_forward=False`` keeps layers unsharded between forward and backward
