@@ -25,8 +25,10 @@ def hash_uniform32(seed: int | torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.
     """A well-mixed 32-bit integer per ``(seed, q_idx, kv_idx)`` (int64 tensor holding values below 2**32).
 
     Plain integer arithmetic (products stay below 2**63), so it gives the same bits on CPU and in Triton kernels.
+    Every multiplier is below 2**31: Inductor emits literals in index expressions as int32 and fails to compile
+    the block-mask kernel on larger ones.
     """
-    x = (q_idx.to(torch.int64) * 0x9E3779B1 + kv_idx.to(torch.int64) * 0x85EBCA77 + seed) & _MASK32
+    x = (q_idx.to(torch.int64) * 0x7FEB352D + kv_idx.to(torch.int64) * 0x68E31DA5 + seed) & _MASK32
     x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
     x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
     return (x >> 16) ^ x
