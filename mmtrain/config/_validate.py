@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mmtrain.config._instantiate import KeyedConfigError, check_targets, instantiate
 from mmtrain.config._paths import display_path
@@ -140,12 +140,29 @@ def _build(key: str, node: DictConfig, built: dict, report: ValidationReport):
         optimizer = built.get("optimizer")
         if not isinstance(optimizer, torch.optim.Optimizer):
             optimizer = torch.optim.SGD([torch.nn.Parameter(torch.empty(1))], lr=0.1)  # stand-in, as above
-        return instantiate(node)(optimizer)
+        factory = instantiate(node)
+        extra = {}
+        # Recipes pass num_training_steps=max_steps (a key every training recipe honours) when the config does not.
+        max_steps = OmegaConf.select(node._get_root(), "max_steps")
+        if "num_training_steps" not in node and _accepts(factory, "num_training_steps"):
+            if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+                return None  # nothing to check it with; the recipe's own check names max_steps
+            extra["num_training_steps"] = max_steps
+        return factory(optimizer, **extra)
     obj = instantiate(node)
     if key == "model" and isinstance(obj, torch.nn.Module):
         count = sum(p.numel() for p in obj.parameters())
         report.info(f"model: {target}: {count:,} parameters")
     return obj
+
+
+def _accepts(factory, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(getattr(factory, "func", factory)).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def describe_source(cfg) -> str:
