@@ -1,0 +1,136 @@
+"""Config and override mistakes: each ends with exit status 2 and one stderr line naming the file / key.
+
+Table-driven: (overrides on top of the tiny align_tiny run, texts the error line must contain).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+ALIGN_TINY = "configs/contrastive/align_tiny.yaml"
+
+OVERRIDE_CASES = [
+    # override syntax and unknown keys
+    pytest.param(["a.b=[1,"], ["override 'a.b=[1,'", "cannot parse"], id="override-syntax"),
+    pytest.param(["nokey=1"], ["'nokey' does not exist", "+nokey=1"], id="unknown-top-key"),
+    pytest.param(["model.hidden_sise=8"], ["model.hidden_sise", "did you mean 'model.hidden_size'"],
+                 id="unknown-key-typo"),
+    pytest.param(["+model.bogus=1"], ["key 'model.bogus'", "unexpected keyword argument 'bogus'"],
+                 id="added-key-not-an-argument"),
+    pytest.param(["~nothing_here"], ["'~nothing_here'", "does not exist"], id="delete-missing-key"),
+    pytest.param(["+seed=1"], ["'seed' already exists"], id="add-existing-key"),
+    pytest.param(["+x=${nope}"], ["key 'x'", "interpolation", "nope"], id="interpolation-to-missing-key"),
+    # wrong types
+    pytest.param(["optimizer.lr=abc"], ["optimizer.lr", "type mismatch", "float"], id="lr-not-a-number"),
+    pytest.param(["max_steps=2.5"], ["max_steps", "type mismatch", "int"], id="steps-float"),
+    pytest.param(["batch_size=[8]"], ["batch_size", "type mismatch", "list"], id="batch-list"),
+    pytest.param(["model=3"], ["'model' is a config group"], id="group-given-a-number"),
+    # groups
+    pytest.param(["model/attention=bogus"], ["model/attention=bogus", "favor", "nystrom"], id="unknown-attention"),
+    pytest.param(["loss=nonexistent"], ["loss=nonexistent", "align", "siglip"], id="unknown-loss-option"),
+    # impossible values
+    pytest.param(["model/attention=local", "model.attention.window_size=4"], ["local", "window_size=4", "even"],
+                 id="even-local-window-without-causal"),
+    pytest.param(["model/attention=nystrom", "model.attention.num_landmarks=0"], ["nystrom", "num_landmarks"],
+                 id="zero-landmarks"),
+    pytest.param(["model/attention=random", "model.attention.r=2.0"], ["random", "r must be"], id="random-r>1"),
+    pytest.param(["model.num_attention_heads=3"], ["key 'model'", "not a multiple of num_attention_heads"],
+                 id="heads-do-not-divide-width"),
+    pytest.param(["model.vocab_size=10"], ["model.vocab_size", "tokenizer has"], id="vocab-smaller-than-tokenizer"),
+    pytest.param(["optimizer.lr=-1.0"], ["key 'optimizer'", "Invalid learning rate: -1"], id="negative-lr"),
+    pytest.param(["optimizer.betas=[2.0,0.9]"], ["key 'optimizer'", "beta"], id="beta-above-one"),
+    pytest.param(["max_steps=-3"], ["max_steps", "positive integer"], id="negative-steps"),
+    pytest.param(["max_steps=0"], ["max_steps", "positive integer"], id="zero-steps"),
+    pytest.param(["batch_size=0"], ["batch_size"], id="zero-batch"),
+    pytest.param(["gradient_accumulation_steps=3"], ["gradient_accumulation_steps", "not divisible by 3"],
+                 id="batch-not-divisible-by-accumulation"),
+    pytest.param(["gradient_accumulation_steps=-2"], ["gradient_accumulation_steps", ">= 1"],
+                 id="negative-accumulation"),
+    pytest.param(["lr_scheduler.num_warmup_steps=-5"], ["lr_scheduler.num_warmup_steps"], id="negative-warmup"),
+    pytest.param(["checkpoint.every_n_steps=-1"], ["checkpoint.every_n_steps"], id="negative-checkpoint-interval"),
+    pytest.param(["tokenizer.max_length=0"], ["tokenizer.max_length"], id="zero-text-length"),
+    pytest.param(["dataset.image_size=0"], ["dataset.image_size"], id="zero-image-size"),
+    pytest.param(["precision=fp16"], ["precision", "fp16"], id="unknown-precision"),
+    pytest.param(["nonfinite.policy=maybe"], ["nonfinite.policy", "maybe"], id="unknown-nonfinite-policy"),
+    pytest.param(["nonfinite.max_consecutive=0"], ["nonfinite.max_consecutive"], id="zero-nonfinite-limit"),
+    pytest.param(["distributed.strategy=bogus"], ["distributed.strategy", "bogus"], id="unknown-strategy"),
+    pytest.param(["device=tpu"], ["device", "tpu"], id="unknown-device"),
+    # _target_
+    pytest.param(["model._target_=mmtrain.models.align.nope"], ["model._target_", "cannot import"],
+                 id="target-does-not-exist"),
+    pytest.param(["model._target_=os.system"], ["model._target_", "not allowed", "--allow-any-target"],
+                 id="target-outside-allowlist"),
+    # checkpoint-related settings
+    pytest.param(["resume=/nonexistent/run"], ["resume=/nonexistent/run", "no such checkpoint"],
+                 id="resume-path-missing"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", OVERRIDE_CASES)
+def test_override_mistake_is_one_line(contrastive, one_line, overrides, expected):
+    one_line(contrastive(*overrides), *expected)
+
+
+def test_output_dir_that_is_a_file(contrastive, one_line, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    one_line(contrastive(f"output_dir={blocker}"), "output_dir", "not a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+YAML_CASES = [
+    pytest.param("max_steps: [1, 2\nseed: 0\n", [":2:", "YAML syntax error"], id="yaml-syntax"),
+    pytest.param("model:\n  a: 1\n   b: 2\n", ["bad.yaml:", "YAML syntax error"], id="yaml-indentation"),
+    pytest.param("- just\n- a list\n", ["bad.yaml", "mapping"], id="yaml-top-level-list"),
+    pytest.param("", ["bad.yaml", "empty"], id="yaml-empty-file"),
+    pytest.param("defaults:\n  - /model: no_such_model\n  - _self_\n", ["no config 'no_such_model'", "align_tiny"],
+                 id="yaml-unknown-default"),
+]
+
+
+@pytest.mark.parametrize("text, expected", YAML_CASES)
+def test_broken_config_file_is_one_line(contrastive, one_line, tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    one_line(contrastive(config=path, base=[]), *expected)
+
+
+def test_config_file_not_found(contrastive, one_line, tmp_path):
+    one_line(contrastive(config=tmp_path / "missing.yaml", base=[]), "missing.yaml", "not found")
+
+
+def test_unknown_recipe_and_config_names(cli, one_line):
+    one_line(cli(["run", "contrastiv", "--config", "align_tiny"]), "unknown recipe 'contrastiv'",
+                          "did you mean 'contrastive'")
+    one_line(cli(["run", "contrastive", "--config", "align_tiyn"]), "unknown config 'align_tiyn'",
+                          "align_tiny")
+
+
+def test_validate_reports_every_problem_each_on_one_line(contrastive):
+    result = contrastive("optimizer.lr=-1.0", "max_steps=0", "nonfinite.policy=maybe", verb="validate")
+    assert result.status == 2 and "Traceback" not in result.err
+    errors = [line for line in result.lines if line.startswith("error: ")]
+    assert len(errors) == 3, result.err
+    assert any("key 'optimizer'" in e for e in errors)
+    assert any("key 'max_steps'" in e for e in errors)
+    assert any("key 'nonfinite.policy'" in e for e in errors)
+    assert result.lines[-1] == f"{ALIGN_TINY}: 3 problem(s) found"
+
+
+# ------------------------------------------------------------------------- fusion model (vlm_finetune) configs
+VLM_CASES = [
+    pytest.param(["model.patch_size=5", "dataset.patch_size=5"], ["model.patch_size", "does not divide", "32"],
+                 id="patch-size-does-not-divide-tile"),
+    pytest.param(["model.patch_size=16"], ["dataset.patch_size", "model.patch_size 16"], id="patch-size-mismatch"),
+    pytest.param(["dataset.image_size=64"], ["dataset.image_size", "model.image_size 32"], id="tile-size-mismatch"),
+    pytest.param(["tokenizer.image_token_id=500"], ["tokenizer.image_token_id", "500"], id="image-token-id-out-of-range"),
+    pytest.param(["model.num_heads=3"], ["key 'model'"], id="vlm-heads-do-not-divide-width"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", VLM_CASES)
+def test_vlm_config_mistake_is_one_line(cli, one_line, tiny, tmp_path, overrides, expected):
+    argv = ["run", "vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={tmp_path}", *tiny.vlm,
+            *overrides]
+    one_line(cli(argv), *expected)
