@@ -26,8 +26,9 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,7 +122,6 @@ def _run_variant(name: str, build: Callable[[], tuple[nn.Module, Callable[[dict]
               "params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del model, optimizer
     return result
 
 

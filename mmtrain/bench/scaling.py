@@ -158,9 +158,6 @@ def _worker_one(name: str, args: argparse.Namespace, info: Any) -> dict[str, Any
               "samples_per_s": batch_size * info.world_size / step_s}
     if use_cuda:
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del wrapped, optimizer, step_module, model
-    if use_cuda:
-        torch.cuda.empty_cache()
     return result
 
 
@@ -186,7 +183,7 @@ def _launch(world_size: int, args: argparse.Namespace, argv: list[str], result_f
            "-m", "mmtrain.bench.scaling", *argv, "--worker-result", str(result_file)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not result_file.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         return [{"model": m, "world_size": world_size, "error": " | ".join(tail) or f"exit {proc.returncode}"}

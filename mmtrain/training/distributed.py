@@ -28,8 +28,9 @@ import contextlib
 import datetime
 import functools
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -390,6 +391,9 @@ def dual_encoder_forward(
     skip it and silently train every rank on its own gradients. So under DDP the model's ``forward(
     pixel_values=, input_ids=, attention_mask=)`` is called, which must return ``(image_embeds, text_embeds)`` or an
     object with those attributes (HF ``AlignOutput``). Unwrapped and FSDP2 models are called method by method.
+    The logit scale and bias are read outside ``forward``, so a DDP model used here must be wrapped with
+    ``find_unused_parameters=False``; models with unused parameters (ALIGN's pooler) put model and loss in one
+    module whose ``forward`` returns the loss instead (as the contrastive recipe does).
     """
     if _is_ddp(model):
         inner = model.module

@@ -74,7 +74,7 @@ def make_loss(name: str):
         return lambda i, t, s, b: plain_clip_loss(i, t, s)
     if name == "plain-siglip":
         return plain_siglip_loss
-    import mmtrain.losses as losses
+    from mmtrain import losses
 
     loss = losses.ClipLoss() if name == "mmtrain-clip" else losses.SigLipLoss()
     return lambda i, t, s, b: loss(i, t, s, b)
@@ -84,7 +84,9 @@ def run(strategy: str, steps: int, batch_size: int, loss_name: str, micro_batch_
     info = distributed.init_distributed(device="cpu")
     split = distributed.split_global_batch(batch_size, info.world_size, micro_batch_size)
     model = build_model(siglip="siglip" in loss_name)
-    model = distributed.wrap_model(model, strategy=strategy, device=info.device)
+    # CLIP reaches every parameter, and the logit scale is read outside forward (dual_encoder_forward): DDP must
+    # not search for unused parameters, or it would mark logit_scale ready before its gradient exists.
+    model = distributed.wrap_model(model, strategy=strategy, device=info.device, find_unused_parameters=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     loss_fn = make_loss(loss_name)
     losses: list[float] = []

@@ -35,7 +35,8 @@ def torchrun(tmp_path: pathlib.Path, *args: str) -> dict:
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(SCRIPT), *args, "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -43,7 +44,7 @@ def torchrun(tmp_path: pathlib.Path, *args: str) -> dict:
 def _loss_name(family: str) -> str:
     """mmtrain's own loss (ClipLoss / SigLipLoss, gathering across ranks) when written, else the script's."""
     try:
-        import mmtrain.losses as losses
+        from mmtrain import losses
     except ImportError:
         return f"plain-{family}"
     return f"mmtrain-{family}" if hasattr(losses, "ClipLoss") and hasattr(losses, "SigLipLoss") else f"plain-{family}"
