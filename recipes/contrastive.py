@@ -293,7 +293,8 @@ class ContrastiveRecipe:
             self.logger.advance(1, loss=step_loss)
             if eval_every and step % int(eval_every) == 0 and step != self.max_steps:
                 self.evaluate()
-            if ckpt_every and (step % int(ckpt_every) == 0 or step == self.max_steps):
+            # No checkpoint of a non-finite step (nonfinite.py's promise): the last good one stays the newest.
+            if ckpt_every and (step % int(ckpt_every) == 0 or step == self.max_steps) and not self.guard.consecutive:
                 self.save_checkpoint()
 
     # ------------------------------------------------------------------------------------------------- eval
