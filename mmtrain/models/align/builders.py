@@ -42,10 +42,15 @@ def align_tiny(
     vision_width: int = 32,
     drop_connect_rate: float = 0.0,
     temperature_init_value: float = 0.07,
+    batch_norm_momentum: float = 0.9,
 ) -> AlignModel:
     """A tiny ALIGN for smoke runs and tests: 2-layer BERT, 4 MBConv blocks, ``projection_dim == vision_width``.
 
     ``temperature_init_value`` defaults to 0.07 (not ALIGN's 1.0) so that a few hundred CPU steps already learn.
+    ``batch_norm_momentum`` uses the TF/HF convention (the weight kept on the old running statistic; PyTorch's
+    momentum is ``1 - batch_norm_momentum``). ALIGN's 0.99 makes the eval-mode running statistics trail the
+    weights by ~100 steps, too slow for a run of a few hundred steps, so align_tiny defaults to 0.9 (PyTorch
+    0.1); align_minilm and align_base keep ALIGN's 0.99.
     """
     text = AlignTextConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                            num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
@@ -54,7 +59,8 @@ def align_tiny(
     vision = AlignVisionConfig(image_size=image_size, width_coefficient=1.0, depth_coefficient=1.0,
                                kernel_sizes=[3, 3, 5], in_channels=[32, 16, 24], out_channels=[16, 24, vision_width],
                                strides=[1, 2, 2], num_block_repeats=[1, 1, 2], expand_ratios=[1, 4, 4],
-                               hidden_dim=vision_width, drop_connect_rate=drop_connect_rate)
+                               hidden_dim=vision_width, drop_connect_rate=drop_connect_rate,
+                               batch_norm_momentum=batch_norm_momentum)
     projection_dim = round_filters(vision, vision_width)
     config = AlignConfig.from_text_vision_configs(text, vision, projection_dim=projection_dim,
                                                   temperature_init_value=temperature_init_value)
