@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             variants.append(("transformers", build_hf, False))
         except ImportError as err:
             hf_error = f"transformers not importable: {err}"
-    results = [_run_variant(name, build, args, device, channels_last) for name, build, channels_last in variants]
+    results = []
+    for name, build, channels_last in variants:
+        results.append(_run_variant(name, build, args, device, channels_last))
+        # One line per variant as it finishes, so a run cut off by a time limit still reports what it measured.
+        print(json.dumps(results[-1]), flush=True)
     report = {
         "benchmark": "align_train_step",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

@@ -163,6 +163,9 @@ def bench_gpu(path: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Worker batches travel through shared-memory files, not passed file descriptors: the GPU machine's
+    # descriptor passing failed with EBADF under many workers.
+    torch.multiprocessing.set_sharing_strategy("file_system")
     args = _parse(argv)
     workdir = None
     path = args.path

@@ -21,16 +21,24 @@ from mmtrain.modules.attention.pattern import KeepFn, PatternAttention
 _MASK32 = 0xFFFFFFFF
 
 
-def hash_uniform32(seed: int | torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+_HASH_MULTIPLIERS = (0x7FEB352D, 0x68E31DA5, 0x45D9F3B)
+
+
+def hash_uniform32(seed: int | torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor,
+                   multipliers: torch.Tensor | None = None) -> torch.Tensor:
     """A well-mixed 32-bit integer per ``(seed, q_idx, kv_idx)`` (int64 tensor holding values below 2**32).
 
     Plain integer arithmetic (products stay below 2**63), so it gives the same bits on CPU and in Triton kernels.
-    Every multiplier is below 2**31: Inductor emits literals in index expressions as int32 and fails to compile
-    the block-mask kernel on larger ones.
+    Inside FlexAttention the multipliers must come in as a tensor (``multipliers``, int64 ``(3,)``): as Python
+    literals Inductor folds them into int32 index expressions and the block-mask kernel fails to compile.
     """
-    x = (q_idx.to(torch.int64) * 0x7FEB352D + kv_idx.to(torch.int64) * 0x68E31DA5 + seed) & _MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    if multipliers is None:
+        m_q, m_k, m_mix = _HASH_MULTIPLIERS
+    else:
+        m_q, m_k, m_mix = multipliers[0], multipliers[1], multipliers[2]
+    x = (q_idx.to(torch.int64) * m_q + kv_idx.to(torch.int64) * m_k + seed) & _MASK32
+    x = ((x >> 16) ^ x) * m_mix & _MASK32
+    x = ((x >> 16) ^ x) * m_mix & _MASK32
     return (x >> 16) ^ x
 
 
@@ -72,10 +80,11 @@ class RandomAttention(PatternAttention):
         # A changing seed travels as a tensor so compiled FlexAttention does not recompile for every new draw.
         seed: int | torch.Tensor = self.seed if self.constant_masking else torch.tensor(self.seed, device=device)
         threshold = round(self.r * 2**32)
+        multipliers = torch.tensor(_HASH_MULTIPLIERS, dtype=torch.int64, device=device)
 
         def keep(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
             position = q_idx + offset
-            kept = (hash_uniform32(seed, position, kv_idx) < threshold) | (position == kv_idx)
+            kept = (hash_uniform32(seed, position, kv_idx, multipliers) < threshold) | (position == kv_idx)
             if causal:
                 kept = kept & (kv_idx <= position)
             return kept
