@@ -26,6 +26,10 @@ test: install
 	$(BIN)/python -m pytest -q --durations=15; s=$$?; \
 	if [ $$s -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$s
 
+# The quick loop while editing: everything except the end-to-end runs marked slow.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: install
 	$(BIN)/ruff check mmtrain recipes tests
 
