@@ -217,7 +217,7 @@ class ContrastiveRecipe:
     def _batches(self):
         """Endless micro-batches; a new iterator starts the next epoch (the loader advanced its sampler)."""
         while True:
-            for batch in self.loader:
+            for batch in self.loader:  # noqa: UP028
                 yield batch
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -254,7 +254,7 @@ class ContrastiveRecipe:
                 window_samples += int(batch["index"].numel())
                 with D.grad_sync(self.task, enabled=micro == accumulation - 1):
                     if self.flops_per_step is None and self.peak_flops is not None:
-                        flops, loss = count_flops(lambda: self._forward_backward(batch, 1.0 / accumulation))
+                        flops, loss = count_flops(lambda: self._forward_backward(batch, 1.0 / accumulation))  # noqa: B023
                         self.flops_per_step = flops * accumulation
                     else:
                         loss = self._forward_backward(batch, 1.0 / accumulation)

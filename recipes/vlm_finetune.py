@@ -202,7 +202,7 @@ def main(cfg: DictConfig) -> dict:
 
     model = instantiate(cfg.model)
     embeddings = model.decoder.tok_embeddings
-    base_vocab = getattr(getattr(embeddings, "embedding", embeddings), "num_embeddings")
+    base_vocab = getattr(embeddings, "embedding", embeddings).num_embeddings
     if not base_vocab <= tokenizer.image_token_id < getattr(embeddings, "num_embeddings", base_vocab):
         raise ConfigError(f"tokenizer.image_token_id: {tokenizer.image_token_id} must be one of the model's fusion "
                           f"tokens [{base_vocab}, {embeddings.num_embeddings})")

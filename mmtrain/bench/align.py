@@ -18,7 +18,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,8 +110,8 @@ def _run_variant(name: str, build: Callable[[], tuple[nn.Module, Callable]], arg
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=device.type == "cuda"):
             loss = step_fn(batch)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.step()  # noqa: F821
+        optimizer.zero_grad(set_to_none=True)  # noqa: F821
         return loss
 
     try:

@@ -18,7 +18,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,11 +85,11 @@ def _run_variant(name: str, build: Callable[[], nn.Module], args: argparse.Names
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
 
     def step() -> torch.Tensor:
-        out = model(pixels, aspect)
+        out = model(pixels, aspect)  # noqa: F821
         loss = out.float().square().mean()
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.step()  # noqa: F821
+        optimizer.zero_grad(set_to_none=True)  # noqa: F821
         return loss.detach()
 
     flops = None
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.backends.cuda.matmul.allow_tf32 = True
 
     results: list[dict[str, Any]] = []
-    ours = lambda: llama3_2_vision_encoder(**cfg)  # noqa: E731
+    ours = lambda: llama3_2_vision_encoder(**cfg)
     if not args.no_eager:
         results.append(_run_variant("mmtrain eager", ours, args, cfg, device, dtype, compile_layers=False, ac=False))
     if not args.no_compile:
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'variant':<22}{'tiles/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'vs tt':>8}"
     print(header)
     for r in results:
-        fmt = lambda v, f: (f % v) if v is not None else "-"  # noqa: E731
+        fmt = lambda v, f: (f % v) if v is not None else "-"
         print(f"{r['name']:<22}{fmt(r['tiles_per_s'], '%.2f'):>10}{fmt(r['tflops_per_s'], '%.1f'):>10}"
               f"{fmt(r['mfu'], '%.2f'):>8}{fmt(r['peak_memory_gib'], '%.1f'):>10}"
               f"{fmt(r.get('speedup_vs_torchtune'), '%.2fx'):>8}")

@@ -258,7 +258,7 @@ def instantiate(node, *args, allow_any_target: bool | None = None, **kwargs):
         key = found.group(1) if found else _full_key(node)
         target = re.search(r"target '([^']+)'", str(e))
         if isinstance(cause, UserError):
-            raise cause
+            raise cause  # noqa: B904
         if isinstance(cause, BUILDER_ERRORS):
             fn_text = target.group(1) if target else "the target"
             with contextlib.suppress(LookupError, ImportError):
@@ -266,7 +266,7 @@ def instantiate(node, *args, allow_any_target: bool | None = None, **kwargs):
             raise KeyedConfigError(where, key, f"calling {fn_text} failed: {type(cause).__name__}: "
                                                f"{one_line(cause)}") from cause
         if cause is not None:
-            raise cause
+            raise cause  # noqa: B904
         raise KeyedConfigError(where, key, one_line(e)) from e
     if isinstance(result, functools.partial) and isinstance(node, DictConfig) and node.get("_partial_", False):
         wrapped = ConfiguredPartial(result.func, *result.args, **result.keywords)

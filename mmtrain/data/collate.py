@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["CROSS_ENTROPY_IGNORE_IDX", "padded_collate_tiled_images_and_mask"]
 
@@ -123,7 +122,7 @@ def padded_collate_tiled_images_and_mask(
         # (bsz, seq, n_images, image_cols): the image axis sits next to the columns, so flattening keeps each row.
         encoder_mask = torch.zeros(bsz, max_seq_len, mask_num_images, image_cols, dtype=torch.bool)
         for row, sample_masks in enumerate(masks_per_sample):
-            for j, (n_tiles, mask) in enumerate(sample_masks):
+            for j, (n_tiles, mask) in enumerate(sample_masks):  # noqa: B007
                 text_len, cols = mask.shape
                 cols = min(cols, image_cols)
                 start = max_seq_len - text_len if left else 0

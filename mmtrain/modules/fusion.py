@@ -18,7 +18,8 @@ Shapes (DeepFusionModel.forward):
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -10,7 +10,7 @@ Shapes: x (..., in_dim) -> (..., out_dim).
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_b.weight)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> "LoRALinear":
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
         """Adapter around an existing layer's weights (shared, not copied; same device and dtype)."""
         device, dtype = linear.weight.device, linear.weight.dtype
         with torch.device("meta"):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TiledTokenPositionalEmbedding", "TilePositionalEmbedding", "TokenPositionalEmbedding"]
+__all__ = ["TilePositionalEmbedding", "TiledTokenPositionalEmbedding", "TokenPositionalEmbedding"]
 
 
 def _tile_grid_index(aspect_ratio: torch.Tensor, n_tiles: int, max_num_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:

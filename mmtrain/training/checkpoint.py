@@ -38,8 +38,9 @@ import random
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,11 +116,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             obj = getattr(torch, name, None)
             if name == "Size" or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
                 return obj
-        elif module == "torch.serialization" and name == "_get_layout":
-            return super().find_class(module, name)
-        elif module in ("pathlib", "pathlib._local") and name.endswith("Path"):
-            return super().find_class(module, name)
-        elif (module, name) in {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}:
+        elif module == "torch.serialization" and name == "_get_layout" or module in ("pathlib", "pathlib._local") and name.endswith("Path") or (module, name) in {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
 

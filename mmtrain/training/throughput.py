@@ -8,7 +8,8 @@ what the model actually runs (attention variant, loss), not a 6 * params * token
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 
-
 ALIGN_TINY = "configs/contrastive/align_tiny.yaml"
 
 OVERRIDE_CASES = [

@@ -67,7 +67,7 @@ def test_end_to_end_writes_everything_and_loss_falls(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000009", "step_00000012"]
     out = capsys.readouterr().out
     assert "step 12/12 | loss" in out and "samples/s" in out and "grad_norm" in out
-    assert f"done: 12 steps" in out and str(tmp_path) in out
+    assert "done: 12 steps" in out and str(tmp_path) in out
 
 
 def test_resume_continues_bit_identically(tmp_path, monkeypatch):

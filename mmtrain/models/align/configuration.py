@@ -258,7 +258,7 @@ class AlignConfig(_ConfigBase):
 
     @classmethod
     def from_text_vision_configs(cls, text_config: AlignTextConfig, vision_config: AlignVisionConfig,
-                                 **kwargs: Any) -> "AlignConfig":
+                                 **kwargs: Any) -> AlignConfig:
         """Instantiate an ``AlignConfig`` from a text and a vision configuration."""
         return cls(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), **kwargs)
 

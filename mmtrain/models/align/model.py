@@ -137,7 +137,7 @@ class AlignModel(nn.Module):
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, directory, config: AlignConfig | None = None, **kwargs: Any) -> "AlignModel":
+    def from_pretrained(cls, directory, config: AlignConfig | None = None, **kwargs: Any) -> AlignModel:
         """Load an HF-layout folder: config.json + model.safetensors (or pytorch_model.bin, read with
         ``weights_only=True``). ``kwargs`` (e.g. ``attention``) go to the constructor."""
         from mmtrain.models.align.checkpoint import load_pretrained

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ class EfficientNetImageProcessor:
         return {"image_processor_type": "EfficientNetImageProcessor", **{k: v for k, v in vars(self).items()}}
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "EfficientNetImageProcessor":
+    def from_dict(cls, config: dict[str, Any]) -> EfficientNetImageProcessor:
         return cls(**config)
 
     @staticmethod
@@ -201,7 +202,7 @@ class BertTokenizer:
         self.vocab_size = tokenizer.get_vocab_size()
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "BertTokenizer":
+    def from_pretrained(cls, directory: str | os.PathLike) -> BertTokenizer:
         from tokenizers import Tokenizer
 
         directory = os.fspath(directory)
@@ -299,7 +300,7 @@ class AlignProcessor:
         self.tokenizer = tokenizer
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "AlignProcessor":
+    def from_pretrained(cls, directory: str | os.PathLike) -> AlignProcessor:
         """Read ``preprocessor_config.json`` (align-base settings if absent) and the tokenizer files."""
         path = os.path.join(directory, "preprocessor_config.json")
         image_processor = None

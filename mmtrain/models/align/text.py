@@ -210,7 +210,7 @@ class AlignTextModel(nn.Module):
         return out if return_dict is not False else out.to_tuple()
 
     @classmethod
-    def from_pretrained(cls, directory, config: AlignTextConfig | None = None, **kwargs) -> "AlignTextModel":
+    def from_pretrained(cls, directory, config: AlignTextConfig | None = None, **kwargs) -> AlignTextModel:
         """Load an HF-layout folder holding an ``AlignModel``, ``AlignTextModel`` or plain BERT checkpoint
         (e.g. MiniLM). ``kwargs`` (``attention``, ``add_pooling_layer``) go to the constructor."""
         from mmtrain.models.align.checkpoint import load_pretrained

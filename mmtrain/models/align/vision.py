@@ -246,7 +246,7 @@ class AlignVisionModel(nn.Module):
         return out if return_dict is not False else out.to_tuple()
 
     @classmethod
-    def from_pretrained(cls, directory, config: AlignVisionConfig | None = None, **kwargs) -> "AlignVisionModel":
+    def from_pretrained(cls, directory, config: AlignVisionConfig | None = None, **kwargs) -> AlignVisionModel:
         """Load an HF-layout folder holding an ``AlignModel`` or ``AlignVisionModel`` checkpoint."""
         from mmtrain.models.align.checkpoint import load_pretrained
 

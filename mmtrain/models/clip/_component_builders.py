@@ -7,7 +7,8 @@ defaults and state-dict keys).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -33,7 +34,8 @@ def decode_image(image: Any) -> torch.Tensor:
     Raises:
         DataError: when the bytes or file cannot be decoded, naming the file when there is one.
     """
-    from torchvision.io import ImageReadMode, decode_image as tv_decode
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
 
     if isinstance(image, torch.Tensor):
         tensor = image

@@ -12,7 +12,8 @@ the adapters always train.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mmtrain.models.llama3_2_vision._component_builders import llama3_2_vision_encoder
 from mmtrain.models.llama3_2_vision._decoder import llama3_2_vision_decoder

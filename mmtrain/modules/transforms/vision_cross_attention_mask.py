@@ -9,7 +9,8 @@ tokens all attend to the text that follows the last of them. One bool mask per i
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

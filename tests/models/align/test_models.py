@@ -11,7 +11,6 @@ import torch
 from mmtrain.errors import CheckpointError
 from mmtrain.models.align import (
     AlignConfig,
-    AlignModel,
     AlignTextConfig,
     AlignTextModel,
     AlignVisionConfig,

@@ -30,7 +30,8 @@ TEXTS = ["a photo of a cat", "Two RED squares, left of a circle!"]
 
 def test_processor_matches_hf(tmp_path):
     from transformers import AlignProcessor as HFAlignProcessor
-    from transformers import BertTokenizerFast, EfficientNetImageProcessor as HFImageProcessor
+    from transformers import BertTokenizerFast
+    from transformers import EfficientNetImageProcessor as HFImageProcessor
 
     settings = {**ALIGN_BASE_IMAGE_PROCESSOR, "size": {"height": 40, "width": 44},
                 "crop_size": {"height": 32, "width": 30}}
