@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmtrain.bench._report import print_and_write, ratio_to
 from mmtrain.losses import AlignLoss
 from mmtrain.models.align import AlignConfig, AlignModel
 
@@ -195,22 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if hf_error:
         report["transformers"] = hf_error
-    by_name = {r["name"]: r for r in results if "samples_per_s" in r}
-    if "transformers" in by_name:
-        best = max((r for n, r in by_name.items() if n.startswith("mmtrain")), key=lambda r: r["samples_per_s"],
-                   default=None)
-        if best is not None:
-            report["speedup_vs_transformers"] = best["samples_per_s"] / by_name["transformers"]["samples_per_s"]
-    print(f"{'variant':<20} {'samples/s':>10} {'step ms':>9} {'peak GiB':>9}")
-    for r in results:
-        if "error" in r:
-            print(f"{r['name']:<20} {r['error']}")
-            continue
-        peak = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
-        print(f"{r['name']:<20} {r['samples_per_s']:>10.1f} {r['step_s'] * 1000:>9.1f} {peak:>9}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
+    speedup = ratio_to(results, "transformers")
+    if speedup is not None:
+        report["speedup_vs_transformers"] = speedup
+    print_and_write(results, report, args.out)
     return 0
 
 

@@ -21,7 +21,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -32,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mmtrain.bench._report import print_and_write, ratio_to
 
 __all__ = ["main"]
 
@@ -275,24 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     if note:
         report["open_clip"] = note
-    by_name = {r["name"]: r for r in results if "samples_per_s" in r}
-    best = max((r for n, r in by_name.items() if n.startswith("mmtrain")), key=lambda r: r["samples_per_s"],
-               default=None)
-    if best is not None and "open_clip" in by_name:
-        report["speedup_vs_open_clip"] = best["samples_per_s"] / by_name["open_clip"]["samples_per_s"]
-    if best is not None and "recipe_end_to_end" in by_name:
-        report["end_to_end_over_step_only"] = by_name["recipe_end_to_end"]["samples_per_s"] / best["samples_per_s"]
-    print(f"{'variant':<20} {'samples/s':>10} {'step ms':>9} {'peak GiB':>9}")
-    for r in results:
-        if "error" in r:
-            print(f"{r['name']:<20} {r['error']}")
-            continue
-        step_ms = f"{r['step_s'] * 1000:.1f}" if "step_s" in r else "-"
-        peak = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
-        print(f"{r['name']:<20} {r['samples_per_s']:>10.1f} {step_ms:>9} {peak:>9}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
+    speedup = ratio_to(results, "open_clip")
+    if speedup is not None:
+        report["speedup_vs_open_clip"] = speedup
+    end_to_end = ratio_to(results, "recipe_end_to_end")
+    if end_to_end is not None:
+        report["end_to_end_over_step_only"] = 1.0 / end_to_end
+    print_and_write(results, report, args.out)
     return 0
 
 
