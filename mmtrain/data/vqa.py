@@ -26,6 +26,7 @@ for generation-based evaluation.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -373,6 +374,8 @@ class ChatVQADataset(_VQABase):
         path = Path(data_files)
         if not path.is_file():
             raise DataError(f"dataset.data_files: {path} does not exist")
+        if source == "json" and path.suffix == ".jsonl":
+            _check_jsonl_lines(path)
         try:
             self.rows = datasets.load_dataset(source, data_files=str(path), split="train")
         except Exception as err:  # datasets raises many types for malformed files
@@ -392,6 +395,11 @@ class ChatVQADataset(_VQABase):
             raise DataError(f"{self.path} row {index}: 'messages' must be a list of {{role, content}}")
         images = row.get("images") or ([row["image"]] if row.get("image") else [])
         paths = [p if os.path.isabs(p) else str(self.image_dir / p) for p in images]
+        root = self.image_dir.resolve()
+        for relative, p in zip(images, paths):
+            # A relative name is a place inside the data folder; "../" or a symlink must not lead out of it.
+            if not os.path.isabs(relative) and not Path(p).resolve().is_relative_to(root):
+                raise DataError(f"{self.path} row {index}: image {relative} leads outside {self.image_dir}")
         for p in paths:
             if not os.path.isfile(p):
                 raise DataError(f"{self.path} row {index}: image {p} does not exist")
@@ -399,6 +407,24 @@ class ChatVQADataset(_VQABase):
         if n_image_tokens != len(paths):
             raise DataError(f"{self.path} row {index}: {n_image_tokens} {IMAGE_TOKEN} tokens but {len(paths)} images")
         return [dict(m) for m in messages], paths
+
+
+def _check_jsonl_lines(path: Path) -> None:
+    """Name the first line that is not a JSON object: ``datasets`` reports a malformed JSONL file without a line
+    number, after logging its own multi-line error."""
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{line_number}: cannot be read: not UTF-8 text") from None
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{line_number}: cannot be read as JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_number}: cannot be read: expected a JSON object per line, "
+                                f"got {type(row).__name__}")
 
 
 def chat_vqa_dataset(split: str, tokenizer: VQATokenizer, *, train_files: str,

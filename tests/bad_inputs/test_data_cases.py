@@ -243,6 +243,8 @@ VQA_CASES = [
                  id="image-without-image-token"),
     pytest.param([_qa("<|image|> what colour ?", ["missing.png"])], ["chat.jsonl row 0", "missing.png",
                  "does not exist"], id="vqa-image-missing"),
+    pytest.param([_qa("<|image|> what colour ?", ["../img.png"])], ["chat.jsonl row 0", "../img.png",
+                 "leads outside"], id="vqa-image-escapes-folder"),
 ]
 
 
@@ -263,9 +265,7 @@ def test_bad_vqa_sample_is_one_line(cli, one_line, quiet_datasets, tmp_path, row
     one_line(cli(["run", "vlm_finetune", "--config", config]), *expected)
 
 
-@pytest.mark.xfail(strict=True, reason="datasets logs its own multi-line JSON error before mmtrain's one line, "
-                   "and the line does not say where in the file (mmtrain/data/vqa.py; reported)")
 def test_vqa_file_not_json(cli, one_line, quiet_datasets, tmp_path):
     config = _chat(tmp_path, [])
     (tmp_path / "chat.jsonl").write_text("{this is not json\n")
-    one_line(cli(["run", "vlm_finetune", "--config", config]), "chat.jsonl", "cannot be read")
+    one_line(cli(["run", "vlm_finetune", "--config", config]), "chat.jsonl:1", "cannot be read")
