@@ -173,6 +173,8 @@ def _bench_sequence_length(args: argparse.Namespace, seq_len: int, device: torch
             flops = 4 * batch * heads * head_dim * pairs * FORWARD_BACKWARD_FLOP_FACTOR
             row["tflops"] = flops / (row["time_ms"] * 1e-3) / 1e12
         results.append(row)
+        # One line per measurement as it lands, so a run stopped at a time limit still reports what it measured.
+        print(json.dumps(row), flush=True)
         return output
 
     dense = ScaledDotProduct()
