@@ -154,7 +154,7 @@ class ImageTextFolder(torch.utils.data.Dataset):
         transform: Mapping[str, Any] | None = None,
         probe_images: int = 16,
     ) -> None:
-        from mmtrain.data.shapes import _plain
+        from mmtrain.data.shapes import plain_container
 
         self.rows = rows
         self.split = split
@@ -162,7 +162,7 @@ class ImageTextFolder(torch.utils.data.Dataset):
         self.image_size = int(image_size)
         self.max_skipped_fraction = float(max_skipped_fraction)
         self.max_image_pixels = int(max_image_pixels) if max_image_pixels else None
-        self.transform_kwargs = _plain(transform or {})
+        self.transform_kwargs = plain_container(transform or {})
         self.captions: list[str] = list(rows["text"])
         self.num_skipped = 0  # per process: workers count their own; the loader's count is the global one
         self._probe(probe_images)

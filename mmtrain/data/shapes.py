@@ -320,7 +320,7 @@ class ShapesCaptions(torch.utils.data.Dataset):
             "sizes": tuple(sizes), "relations": tuple(relations), "size_jitter": float(size_jitter),
             "background": tuple(int(c) for c in background),
         }
-        self.transform_kwargs = _plain(transform or {})
+        self.transform_kwargs = plain_container(transform or {})
         self._images: torch.Tensor | None = None
         self._objects: list[list[dict]] = []
         self.captions: list[str] = []
@@ -360,15 +360,12 @@ class ShapesCaptions(torch.utils.data.Dataset):
         return ContrastiveImageTransform(self.image_size, train=train, **self.transform_kwargs)
 
 
-def _plain(node: Any) -> Any:
-    """DictConfig/ListConfig (as Hydra passes nested nodes) -> plain dict/list."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
+def plain_container(node: Any) -> Any:
+    """DictConfig/ListConfig (as Hydra passes nested nodes) -> plain dict/list; other mappings -> dict."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
-        if isinstance(node, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
     return dict(node) if isinstance(node, Mapping) else node
 
 
@@ -394,6 +391,7 @@ def shapes_dataset(
         raise ConfigError(f"dataset.split: unknown split {split!r}; choose from {list(counts)}")
     return ShapesCaptions(
         split, counts[split], image_size, num_objects, seed,
-        colours=_plain(colours), shapes=_plain(shapes), sizes=_plain(sizes), relations=_plain(relations),
+        colours=plain_container(colours), shapes=plain_container(shapes), sizes=plain_container(sizes),
+        relations=plain_container(relations),
         size_jitter=size_jitter, cache=cache, transform=transform,
     )

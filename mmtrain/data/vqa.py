@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmtrain.data.shapes import plain_container
 from mmtrain.errors import ConfigError, DataError
 
 __all__ = [
@@ -351,7 +352,8 @@ def shapes_vqa_dataset(
         raise ConfigError(f"dataset.split: unknown split {split!r}; choose from {list(counts)}")
     return ShapesVQA(split, counts[split], tokenizer, image_size=image_size, patch_size=patch_size,
                      max_objects=max_objects, question_types=list(question_types), seed=seed,
-                     colours=_plain(colours), shapes=_plain(shapes), sizes=_plain(sizes))
+                     colours=plain_container(colours), shapes=plain_container(shapes),
+                     sizes=plain_container(sizes))
 
 
 # ---- local chat datasets ---------------------------------------------------------------------------------------
@@ -436,14 +438,3 @@ def chat_vqa_dataset(split: str, tokenizer: VQATokenizer, *, train_files: str,
         raise ConfigError(f"dataset.split: unknown split {split!r}; choose from {list(files)}")
     return ChatVQADataset(files[split], tokenizer, image_dir=image_dir, tile_size=tile_size, patch_size=patch_size,
                           max_num_tiles=max_num_tiles)
-
-
-def _plain(node: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(node, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return node
