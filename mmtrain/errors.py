@@ -25,3 +25,15 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete, corrupted, unsafe, or does not fit the model."""
+
+
+def print_error(message: str) -> None:
+    """Write ``error: MESSAGE`` and its newline to stderr in one write.
+
+    Ranks of one launch share the launcher's stderr pipe; ``print`` writes the text and the newline separately, so
+    two ranks failing together could splice their lines. One write of less than PIPE_BUF bytes is atomic.
+    """
+    import sys
+
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()

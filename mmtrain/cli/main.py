@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mmtrain.errors import ConfigError, UserError
+from mmtrain.errors import ConfigError, UserError, print_error
 
 VERBS = {
     "ls": "list recipes (with a one-line description) and their built-in configs",
@@ -93,8 +93,19 @@ def _verb_parser(verb: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``mmtrain`` console script; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the ``mmtrain`` console script; returns the exit status.
+
+    Started as one rank of a torchrun/SLURM launch, the process ends here through ``exit_with`` (no interpreter
+    finalization, see there) instead of returning.
+    """
+    from mmtrain.config._entry import exit_with, is_rank_process
+
+    if argv is None and is_rank_process():
+        exit_with(lambda: _main(sys.argv[1:]), rank_process=True)
+    return _main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     top = _top_parser().parse_args(argv)
     parser = _verb_parser(top.verb)
     if top.verb == "bench":
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from mmtrain.config._state import one_line
 
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print_error(one_line(e))
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -235,7 +246,7 @@ def _validate(args, debug: bool) -> int:
     for line in report.infos:
         print(line)
     for issue in report.errors:
-        print(f"error: {where}: {issue}", file=sys.stderr)
+        print_error(f"{where}: {issue}")
     if report.errors:
         print(f"{where}: {len(report.errors)} problem(s) found", file=sys.stderr)
         return 2
@@ -291,7 +302,7 @@ def _launch_distributed(args, launcher: dict, debug: bool) -> int:
         if 2 in codes.values():
             return 2  # a user mistake, already reported by the rank(s) that hit it
         failed = ", ".join(f"rank {rank} exit status {code}" for rank, code in codes.items())
-        print(f"error: distributed run failed: {failed}", file=sys.stderr)
+        print_error(f"distributed run failed: {failed}")
         return 1
     return 0
 
@@ -330,4 +341,6 @@ _VERB_FUNCTIONS = {"ls": _ls, "cp": _cp, "print": _print, "validate": _validate,
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmtrain.config._entry import exit_with
+
+    exit_with(main)

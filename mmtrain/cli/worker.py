@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmtrain.config import import_recipe, resolve_recipe, run_recipe_main
     from mmtrain.config._entry import debug_requested
     from mmtrain.config._state import one_line
-    from mmtrain.errors import UserError
+    from mmtrain.errors import UserError, print_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
@@ -25,10 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if debug_requested("--debug" in argv):
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print_error(one_line(e))
         return 2
     return run_recipe_main(module.main, recipe_file, argv[1:], prog="mmtrain worker")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mmtrain.config._entry import exit_with
+
+    exit_with(main, rank_process=True)

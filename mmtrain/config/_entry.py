@@ -7,14 +7,18 @@ in-process ``mmtrain run``, and the per-rank worker that ``torch.distributed.run
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import os
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from mmtrain.config._compose import load
 from mmtrain.config._state import one_line
-from mmtrain.errors import ConfigError, UserError
+from mmtrain.errors import ConfigError, UserError, print_error
 
 
 def debug_requested(flag: bool = False) -> bool:
@@ -60,7 +64,7 @@ def run_recipe_main(main, recipe_file: str | os.PathLike, argv: list[str], prog:
     except UserError as e:
         if debug_requested(args.debug):
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print_error(one_line(e))
         return getattr(e, "exit_code", 2)
     return 0
 
@@ -73,4 +77,46 @@ def recipe_entry(main) -> None:
     """
     module = sys.modules.get(main.__module__)
     recipe_file = getattr(module, "__file__", None) or sys.argv[0]
-    sys.exit(run_recipe_main(main, recipe_file, sys.argv[1:], prog=Path(recipe_file).name))
+    exit_with(lambda: run_recipe_main(main, recipe_file, sys.argv[1:], prog=Path(recipe_file).name))
+
+
+def is_rank_process() -> bool:
+    """True in a process that torch.distributed.run (or SLURM through it) started as one rank of several."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def exit_with(call: Callable[[], int | None], rank_process: bool | None = None) -> NoReturn:
+    """End the process with ``call()``'s exit status, as ``sys.exit(call())`` would, but safely in a rank process.
+
+    A rank's gloo worker threads can still be destroying a finished collective's work, whose tensors own Python
+    objects, when the interpreter finalizes; the thread's GIL acquire then ends it from inside C++ and
+    ``std::terminate`` aborts the rank ("terminate called without an active exception", exit -6; one run in five on
+    a 2-core machine with torch 2.14, pytorch/pytorch#179291). So a rank runs the exit handlers, flushes, and leaves
+    with ``os._exit``, skipping finalization. A bug still prints its traceback and exits 1.
+    """
+    if rank_process is None:
+        rank_process = is_rank_process()
+    if not rank_process:
+        sys.exit(call())
+    try:
+        code = call()
+    except SystemExit as e:
+        code = e.code
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
