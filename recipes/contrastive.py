@@ -131,19 +131,25 @@ class ContrastiveRecipe:
         self.guard = NonFiniteGuard(**(cfg.get("nonfinite", None) or {}))
 
         num_workers = int(cfg.get("num_workers", 0))
+        normalize_on_device = cfg.get("normalize_on_device", "auto")
+        if normalize_on_device == "auto":
+            normalize_on_device = self.device.type == "cuda"
+        if not isinstance(normalize_on_device, bool):
+            raise ConfigError(f"normalize_on_device: expected auto, true or false, got {normalize_on_device!r}")
         self.train_set = instantiate(cfg.dataset, split="train")
         self.val_set = instantiate(cfg.dataset, split="validation")
         self.loader = build_contrastive_loader(
             self.train_set, self.tokenizer, batch_size=self.split.micro_batch_size, shuffle=True,
             seed=int(cfg.seed), rank=self.dist.rank, world_size=self.dist.world_size, num_workers=num_workers,
-            pin_memory=self.device.type == "cuda", drop_last=True)
+            pin_memory=self.device.type == "cuda", drop_last=True, normalize_on_device=normalize_on_device)
         # Worker seeds come from the loader's own generator, so making an iterator (as a resumed run does
         # mid-epoch) never draws from the global RNG; augmentations are seeded per sample anyway.
         self.loader.generator = torch.Generator().manual_seed(int(cfg.seed))
         eval_cfg = cfg.get("eval", {}) or {}
         self.val_loader = build_contrastive_loader(
             self.val_set, self.tokenizer, batch_size=int(eval_cfg.get("batch_size", 256)), shuffle=False,
-            seed=int(cfg.seed), rank=self.dist.rank, world_size=self.dist.world_size, num_workers=num_workers)
+            seed=int(cfg.seed), rank=self.dist.rank, world_size=self.dist.world_size, num_workers=num_workers,
+            pin_memory=self.device.type == "cuda", normalize_on_device=normalize_on_device)
 
         ckpt_cfg = cfg.get("checkpoint", {}) or {}
         self.checkpoints = CheckpointManager(self.output_dir, keep=ckpt_cfg.get("keep", 2), log_fn=print)
@@ -220,10 +226,16 @@ class ContrastiveRecipe:
             for batch in self.loader:  # noqa: UP028
                 yield batch
 
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+    _HOST_KEYS = ("index", "num_skipped")  # bookkeeping read on the host: copying them over would cost a sync
+
+    def _to_device(self, batch: dict[str, Any], loader=None) -> dict[str, Any]:
         non_blocking = self.device.type == "cuda"
-        return {k: v.to(self.device, non_blocking=non_blocking) if torch.is_tensor(v) else v
-                for k, v in batch.items()}
+        moved = {k: v.to(self.device, non_blocking=non_blocking) if torch.is_tensor(v) and k not in self._HOST_KEYS
+                 else v for k, v in batch.items()}
+        normalizer = getattr(loader if loader is not None else self.loader, "pixel_normalizer", None)
+        if normalizer is not None and moved.get("pixel_values") is not None:
+            moved["pixel_values"] = normalizer(moved["pixel_values"])
+        return moved
 
     def _forward_backward(self, batch: dict[str, Any], scale: float) -> torch.Tensor:
         with self._autocast():
@@ -309,7 +321,7 @@ class ContrastiveRecipe:
         images, texts, captions, indices = [], [], [], []
         for batch in self.val_loader:
             caption_ids = caption_ids_from_tokens(batch["input_ids"], batch["attention_mask"])
-            batch = self._to_device(batch)
+            batch = self._to_device(batch, self.val_loader)
             with self._autocast():
                 images.append(self.task.encode_image(batch["pixel_values"]).float().cpu())
                 texts.append(self.task.encode_text(batch["input_ids"], batch["attention_mask"]).float().cpu())
@@ -432,6 +444,8 @@ def validate(cfg: DictConfig, report) -> None:
         report.error("nonfinite.policy", f"must be stop or skip, got {policy!r}")
     if str(cfg.get("precision", "auto")) not in ("auto", "bf16", "fp32"):
         report.error("precision", f"must be auto, bf16 or fp32, got {cfg.get('precision')!r}")
+    if cfg.get("normalize_on_device", "auto") not in ("auto", True, False):
+        report.error("normalize_on_device", f"must be auto, true or false, got {cfg.get('normalize_on_device')!r}")
     strategy = OmegaConf.select(cfg, "distributed.strategy")
     if strategy not in (None, "none", "ddp", "fsdp"):
         report.error("distributed.strategy", f"must be none, ddp or fsdp, got {strategy!r}")

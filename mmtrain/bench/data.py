@@ -5,7 +5,9 @@
 Paths measured (each a row of the table and an entry of the JSON):
 - ``cpu``: the training loader as the recipe builds it (``image_folder`` + ``build_contrastive_loader``): PIL
   decode, torchvision v2 random resized crop + caption-aware flip + normalize in DataLoader workers, tokenized
-  batches, pinned memory when CUDA is present.
+  batches, pinned memory when CUDA is present, float pixels copied to the training device (CUDA, else CPU).
+- ``cpu_uint8``: the same with the recipe's ``normalize_on_device``: workers hand over uint8 pixels (a quarter
+  of the bytes through shared memory, pinning and the copy), normalized once on the device.
 - ``gpu`` (CUDA only): workers only read file bytes; ``torchvision.io.decode_jpeg(device="cuda")`` decodes the
   batch on the GPU, then crop/flip/resize/normalize run on CUDA tensors (torchvision v2 functionals).
 
@@ -36,13 +38,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--num-batches", type=int, default=20, help="timed batches (after one warm-up batch)")
-    parser.add_argument("--paths", default="cpu,gpu", help="comma list of cpu,gpu (gpu needs CUDA)")
+    parser.add_argument("--paths", default="cpu,cpu_uint8,gpu", help="comma list of cpu,cpu_uint8,gpu (gpu: CUDA)")
     parser.add_argument("--out", default="bench_results/data.json")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run for tests")
     args = parser.parse_args(argv)
     if args.smoke:
         args.num_images, args.source_size, args.image_size = 24, 48, 32
-        args.batch_size, args.num_workers, args.num_batches, args.paths = 8, 0, 2, "cpu"
+        args.batch_size, args.num_workers, args.num_batches, args.paths = 8, 0, 2, "cpu,cpu_uint8"
     return args
 
 
@@ -79,25 +81,33 @@ def _time_batches(iterator, num_batches: int, sync) -> tuple[float, int]:
     return time.perf_counter() - start, images
 
 
-def bench_cpu(path: str, args) -> dict:
+def bench_cpu(path: str, args, normalize_on_device: bool = False) -> dict:
     from mmtrain.data.image_folder import image_folder_dataset
     from mmtrain.data.loader import build_contrastive_loader
     from mmtrain.data.tokenizers import shapes_tokenizer
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dataset = image_folder_dataset("train", path=path, image_size=args.image_size,
                                    transform={"scale": [0.35, 1.0]})
     loader = build_contrastive_loader(
         dataset, shapes_tokenizer(16), batch_size=args.batch_size, shuffle=True, seed=0,
-        num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=True,
+        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
+        normalize_on_device=normalize_on_device,
     )
 
-    def endless():
+    def on_device():
+        # what the recipe's step receives: float pixels on the training device
         while True:
-            yield from loader
+            for batch in loader:
+                pixels = batch["pixel_values"].to(device, non_blocking=True)
+                if loader.pixel_normalizer is not None:
+                    pixels = loader.pixel_normalizer(pixels)
+                yield {"pixel_values": pixels, "input_ids": batch["input_ids"].to(device, non_blocking=True)}
 
-    seconds, images = _time_batches(endless(), args.num_batches, lambda: None)
-    return {"path": "cpu", "images": images, "seconds": seconds, "images_per_s": images / seconds,
-            "num_workers": args.num_workers}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds, images = _time_batches(on_device(), args.num_batches, sync)
+    return {"path": "cpu_uint8" if normalize_on_device else "cpu", "images": images, "seconds": seconds,
+            "images_per_s": images / seconds, "num_workers": args.num_workers}
 
 
 def _as_list(samples):
@@ -175,11 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = []
         wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
-        if "cpu" in wanted:
-            results.append(bench_cpu(path, args))
+        for name in ("cpu", "cpu_uint8"):
+            if name in wanted:
+                results.append(bench_cpu(path, args, normalize_on_device=name == "cpu_uint8"))
+                print(json.dumps(results[-1]), flush=True)
         if "gpu" in wanted:
             if torch.cuda.is_available():
                 results.append(bench_gpu(path, args))
+                print(json.dumps(results[-1]), flush=True)
             else:
                 print("gpu path skipped: CUDA is not available")
     finally:
@@ -190,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         "source": args.path or f"generated {args.num_images} JPEGs at {args.source_size}px",
         "torch": torch.__version__, "results": results,
     }
-    print(f"{'path':<6} {'workers':>7} {'images':>7} {'seconds':>8} {'images/s':>10}")
+    print(f"{'path':<9} {'workers':>7} {'images':>7} {'seconds':>8} {'images/s':>10}")
     for r in results:
-        print(f"{r['path']:<6} {r['num_workers']:>7} {r['images']:>7} {r['seconds']:>8.2f} {r['images_per_s']:>10.1f}")
+        print(f"{r['path']:<9} {r['num_workers']:>7} {r['images']:>7} {r['seconds']:>8.2f} {r['images_per_s']:>10.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -2,7 +2,8 @@
 
 Batch contract (what the recipe receives), B <= batch_size samples after dropping unreadable ones:
 
-    pixel_values   float (B, 3, H, W)
+    pixel_values   float (B, 3, H, W); uint8 with ``normalize_on_device`` (then ``loader.pixel_normalizer``,
+                   applied after the copy to the device, gives the float pixels)
     input_ids      long  (B, L)
     attention_mask long  (B, L)
     index          long  (B,)     dataset indices of the samples
@@ -209,10 +210,13 @@ class ContrastiveDataLoader(DataLoader):
     - ``max_skipped_fraction``: a DataError once the skipped share of samples exceeds it (checked after
       512 samples and at each epoch end); a DataError when a whole epoch had no readable sample.
     - ``total_skipped`` / ``total_seen``: counts since construction.
+    - ``pixel_normalizer``: None, or (with ``normalize_on_device``) the uint8 -> float step left to the caller.
     """
 
-    def __init__(self, *args, max_skipped_fraction: float = 1.0, source: str = "dataset", **kwargs) -> None:
+    def __init__(self, *args, max_skipped_fraction: float = 1.0, source: str = "dataset",
+                 pixel_normalizer=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.pixel_normalizer = pixel_normalizer
         self.max_skipped_fraction = float(max_skipped_fraction)
         self.source = source
         self.total_skipped = 0
@@ -293,6 +297,7 @@ def build_contrastive_loader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     max_skipped_fraction: float | None = None,
+    normalize_on_device: bool = False,
 ) -> ContrastiveDataLoader:
     """DataLoader of contrastive batches (see the module docstring) for this rank.
 
@@ -304,11 +309,21 @@ def build_contrastive_loader(
         batch_size: per rank.
         max_skipped_fraction: default: the dataset's own ``max_skipped_fraction`` attribute, else 1 (no limit).
         pin_memory: only takes effect when CUDA is available.
+        normalize_on_device: batches carry uint8 pixels (a quarter of the bytes from the workers to the GPU);
+            the caller applies ``loader.pixel_normalizer`` once they are on the device. Needs a transform with
+            ``unnormalized()`` and ``pixel_normalizer()`` (``ContrastiveImageTransform``).
     """
     if image_transform is None:
         if not hasattr(dataset, "make_transform"):
             raise TypeError(f"{type(dataset).__name__} has no make_transform(); pass image_transform")
         image_transform = dataset.make_transform()
+    pixel_normalizer = None
+    if normalize_on_device:
+        if not (hasattr(image_transform, "unnormalized") and hasattr(image_transform, "pixel_normalizer")):
+            raise TypeError(f"normalize_on_device needs a transform with unnormalized() and pixel_normalizer(), "
+                            f"got {type(image_transform).__name__}")
+        pixel_normalizer = image_transform.pixel_normalizer()
+        image_transform = image_transform.unnormalized()
     if max_skipped_fraction is None:
         max_skipped_fraction = float(getattr(dataset, "max_skipped_fraction", 1.0))
     sampler = ResumableDistributedSampler(
@@ -331,5 +346,6 @@ def build_contrastive_loader(
             pin_memory=pin_memory,
             max_skipped_fraction=max_skipped_fraction,
             source=str(getattr(dataset, "source", type(dataset).__name__)),
+            pixel_normalizer=pixel_normalizer,
             **extra,
         )

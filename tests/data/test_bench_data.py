@@ -9,5 +9,7 @@ def test_data_bench_smoke(tmp_path):
     out = tmp_path / "data.json"
     assert main(["--smoke", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    (cpu,) = [r for r in report["results"] if r["path"] == "cpu"]
-    assert cpu["images"] == 2 * 8 and cpu["images_per_s"] > 0 and report["image_size"] == 32
+    assert [r["path"] for r in report["results"]] == ["cpu", "cpu_uint8"]
+    for result in report["results"]:
+        assert result["images"] == 2 * 8 and result["images_per_s"] > 0
+    assert report["image_size"] == 32

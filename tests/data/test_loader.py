@@ -134,3 +134,18 @@ def test_all_unreadable_batch_is_carried_into_the_next(data):
                                           max_skipped_fraction=0.1))
     with pytest.raises(DataError, match="none of the 8 samples"):
         _batches(build_contrastive_loader(_Flaky(8, bad=range(8)), tok, batch_size=2, shuffle=False))
+
+
+def test_normalize_on_device_hands_over_uint8_and_the_normalizer(data):
+    dataset, tok = data
+    plain = build_contrastive_loader(dataset, tok, batch_size=4, shuffle=True, seed=3)
+    raw = build_contrastive_loader(dataset, tok, batch_size=4, shuffle=True, seed=3, normalize_on_device=True)
+    assert plain.pixel_normalizer is None
+    for expected, batch in zip(_batches(plain)[:3], _batches(raw)[:3]):
+        assert batch["pixel_values"].dtype == torch.uint8
+        assert torch.equal(batch["index"], expected["index"])
+        torch.testing.assert_close(raw.pixel_normalizer(batch["pixel_values"]), expected["pixel_values"],
+                                   atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="unnormalized"):
+        build_contrastive_loader(dataset, tok, image_transform=lambda image, text, seed=None: image, batch_size=2,
+                                 normalize_on_device=True)

@@ -53,3 +53,29 @@ def test_train_crop_is_a_function_of_the_seed():
     assert torch.equal(a, t(image, "x", seed=7))
     assert not torch.equal(a, t(image, "x", seed=8))
     assert a.shape == (3, 12, 12)
+
+
+def test_unnormalized_then_pixel_normalizer_equals_normalized_transform():
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    t = ContrastiveImageTransform(12, train=True, scale=(0.3, 1.0), mean=mean, std=std)
+    raw = t.unnormalized()
+    assert t.normalize and not raw.normalize  # a copy: the original still normalizes
+    images = [torch.randint(0, 256, (3, 20, 17), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              for i in range(4)]
+    pixels = torch.stack([raw(image, "a cat", seed=i) for i, image in enumerate(images)])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, 12, 12)
+    out = t.pixel_normalizer()(pixels)
+    reference = (pixels.double() / 255.0 - torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)) / torch.tensor(
+        std, dtype=torch.float64).view(3, 1, 1)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference, atol=1e-6, rtol=0)
+    # same crops and flips as the normalizing transform
+    normalized = torch.stack([t(image, "a cat", seed=i) for i, image in enumerate(images)])
+    torch.testing.assert_close(out, normalized, atol=1e-5, rtol=0)
+
+
+def test_pixel_normalizer_refuses_float_input():
+    import pytest
+
+    with pytest.raises(TypeError, match="uint8"):
+        ContrastiveImageTransform(8).pixel_normalizer()(torch.zeros(1, 3, 8, 8))

@@ -140,3 +140,19 @@ def test_nonfinite_skip_counts_and_keeps_weights_finite(tmp_path, monkeypatch):
 
 
 # The demo acceptance run (align_tiny as shipped, zero-shot >= 0.9) lives in tests/recipes/test_demo.py.
+
+
+def test_normalize_on_device_trains_like_worker_normalization(tmp_path):
+    recipe = _recipe()
+    summaries = {}
+    for flag in (False, True):
+        out = tmp_path / str(flag)
+        summaries[flag] = recipe.main(tiny_cfg(out, max_steps=4, normalize_on_device=flag,
+                                               **{"checkpoint.every_n_steps": 0}))
+        summaries[flag]["losses"] = _losses(out)
+    # the two paths round the normalization differently (~1e-7), so equal within float noise, not bit-equal
+    for step, loss in summaries[False]["losses"].items():
+        assert math.isclose(summaries[True]["losses"][step], loss, rel_tol=1e-4), step
+    assert math.isclose(summaries[True]["val/zero_shot_acc"], summaries[False]["val/zero_shot_acc"])
+    with pytest.raises(Exception, match="normalize_on_device"):
+        recipe.main(tiny_cfg(tmp_path / "bad", normalize_on_device="sometimes"))
