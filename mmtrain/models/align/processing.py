@@ -4,6 +4,12 @@ local files only), as HF transformers' ``AlignProcessor`` combines them.
 Shapes (``return_tensors="pt"``):
     pixel_values:   (N_images, 3, crop_h, crop_w) float32 (or resize size when ``do_center_crop`` is off)
     input_ids, token_type_ids, attention_mask: (N_texts, max_length) int64 with ``padding="max_length"``
+
+``save_pretrained(dir)`` writes HF's layout, readable by ``from_pretrained`` here and by transformers 4.x and 5.x:
+    preprocessor_config.json  the image processor's settings (what transformers 4.x writes and reads)
+    processor_config.json     {"image_processor": {...}, "processor_class": "AlignProcessor"} (transformers 5.x;
+                              it takes precedence over preprocessor_config.json when both exist, as in HF)
+    tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map.json
 """
 
 from __future__ import annotations
@@ -37,6 +43,49 @@ ALIGN_BASE_IMAGE_PROCESSOR: dict[str, Any] = {
 
 # PIL resampling codes (as HF configs store them) -> torchvision interpolation names
 _RESAMPLE = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
+
+IMAGE_PROCESSOR_NAME = "preprocessor_config.json"
+PROCESSOR_NAME = "processor_config.json"
+# Keys HF adds to a saved image processor dict that are not constructor options.
+_NOT_IMAGE_OPTIONS = ("image_processor_type", "processor_class", "_processor_class")
+SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                  "mask_token": "[MASK]"}
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    # HF's formatting (sorted keys, indent 2, trailing newline), so diffs against HF-written folders stay small.
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_content(token: Any) -> str:
+    """A special token as tokenizer_config.json stores it: a string or HF's AddedToken dict {"content": ...}."""
+    return str(token["content"]) if isinstance(token, dict) else str(token)
+
+
+def _image_processor_settings(directory: str) -> dict[str, Any] | None:
+    """The saved image-processor dict: processor_config.json's "image_processor" entry (transformers 5.x, which
+    prefers it), else preprocessor_config.json (4.x and the Hub's align-base), else None."""
+    processor_path = os.path.join(directory, PROCESSOR_NAME)
+    if os.path.isfile(processor_path):
+        nested = _read_json(processor_path).get("image_processor")
+        if isinstance(nested, dict):
+            return nested
+    image_path = os.path.join(directory, IMAGE_PROCESSOR_NAME)
+    if os.path.isfile(image_path):
+        return _read_json(image_path)
+    return None
 
 
 class BatchFeature(dict):
@@ -100,11 +149,38 @@ class EfficientNetImageProcessor:
             raise ValueError(f"resample must be a PIL resampling code {sorted(_RESAMPLE)}, got {resample!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image_processor_type": "EfficientNetImageProcessor", **{k: v for k, v in vars(self).items()}}
+        """The settings as HF's ``EfficientNetImageProcessor.to_dict()`` writes them (plus its type name)."""
+        return {"image_processor_type": "EfficientNetImageProcessor",
+                **{k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, (list, tuple)) else v)
+                   for k, v in vars(self).items()}}
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> EfficientNetImageProcessor:
-        return cls(**config)
+        """Inverse of ``to_dict``; HF's bookkeeping keys (type, processor class) are dropped, unknown keys ignored."""
+        return cls(**{k: v for k, v in config.items() if k not in _NOT_IMAGE_OPTIONS})
+
+    def save_pretrained(self, directory: str | os.PathLike, processor_class: str | None = None) -> list[str]:
+        """Write ``preprocessor_config.json`` into ``directory`` (created if missing); returns the files written."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        data = self.to_dict()
+        if processor_class is not None:
+            data["processor_class"] = processor_class  # as HF's ProcessorMixin (4.x) records it
+        path = os.path.join(directory, IMAGE_PROCESSOR_NAME)
+        _write_json(path, data)
+        return [path]
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> EfficientNetImageProcessor:
+        """Read the settings that ``save_pretrained`` (ours or HF's, 4.x or 5.x) wrote into ``directory``."""
+        directory = os.fspath(directory)
+        settings = _image_processor_settings(directory)
+        if settings is None:
+            raise CheckpointError(f"{directory}: no {IMAGE_PROCESSOR_NAME} or {PROCESSOR_NAME} with an image processor")
+        try:
+            return cls.from_dict(settings)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{directory}: bad image processor settings ({err})") from None
 
     @staticmethod
     def _as_uint8_chw(image: Any) -> torch.Tensor:
@@ -188,18 +264,35 @@ def _center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 class BertTokenizer:
     """BERT WordPiece tokenizer from local files via ``tokenizers``: ``tokenizer.json`` when present, else
-    ``vocab.txt`` (+ ``do_lower_case`` from ``tokenizer_config.json``)."""
+    ``vocab.txt`` (+ ``do_lower_case`` from ``tokenizer_config.json``).
 
-    def __init__(self, tokenizer: Any, model_max_length: int = 512) -> None:
+    Args:
+        tokenizer: a ``tokenizers.Tokenizer`` (BERT normalizer, pre-tokenizer, WordPiece, [CLS]/[SEP] processing).
+        model_max_length: longest sequence when ``max_length`` is not given.
+        settings: the rest of ``tokenizer_config.json`` (special tokens, ...), written back by ``save_pretrained``.
+    """
+
+    def __init__(self, tokenizer: Any, model_max_length: int = 512, settings: dict[str, Any] | None = None) -> None:
         self._tokenizer = tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
         self.model_max_length = model_max_length
-        self.pad_token = "[PAD]"
+        self.settings = dict(settings or {})
+        self.special_tokens = {key: _token_content(self.settings.get(key, default))
+                               for key, default in SPECIAL_TOKENS.items()}
+        self.pad_token = self.special_tokens["pad_token"]
         self.pad_token_id = tokenizer.token_to_id(self.pad_token)
         if self.pad_token_id is None:
             self.pad_token_id = 0
         self.vocab_size = tokenizer.get_vocab_size()
+
+    @property
+    def do_lower_case(self) -> bool:
+        """Read from the tokenizer's own normalizer when it is BERT's (what actually runs), else the config."""
+        normalizer = json.loads(self._tokenizer.to_str()).get("normalizer") or {}
+        if normalizer.get("type") == "BertNormalizer":
+            return bool(normalizer.get("lowercase", True))
+        return bool(self.settings.get("do_lower_case", True))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> BertTokenizer:
@@ -207,21 +300,55 @@ class BertTokenizer:
 
         directory = os.fspath(directory)
         settings: dict[str, Any] = {}
+        special_path = os.path.join(directory, "special_tokens_map.json")
+        if os.path.isfile(special_path):
+            settings.update({k: v for k, v in _read_json(special_path).items() if k in SPECIAL_TOKENS})
         config_path = os.path.join(directory, "tokenizer_config.json")
         if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as handle:
-                settings = json.load(handle)
+            settings.update(_read_json(config_path))
+        # HF writes a huge sentinel (int(1e30)) when a tokenizer has no limit; BERT's positions stop at 512
         max_len = int(settings.get("model_max_length", 512)) if settings.get("model_max_length", 0) < 10**6 else 512
         tokenizer_json = os.path.join(directory, "tokenizer.json")
         vocab = os.path.join(directory, "vocab.txt")
         try:
             if os.path.isfile(tokenizer_json):
-                return cls(Tokenizer.from_file(tokenizer_json), max_len)
+                return cls(Tokenizer.from_file(tokenizer_json), max_len, settings)
             if os.path.isfile(vocab):
-                return cls(cls._from_vocab(vocab, bool(settings.get("do_lower_case", True))), max_len)
+                return cls(cls._from_vocab(vocab, bool(settings.get("do_lower_case", True))), max_len, settings)
         except Exception as err:
             raise CheckpointError(f"{directory}: cannot read the tokenizer ({str(err).splitlines()[0]})") from None
         raise CheckpointError(f"{directory}: no tokenizer.json or vocab.txt")
+
+    def save_pretrained(self, directory: str | os.PathLike, processor_class: str | None = None) -> list[str]:
+        """Write ``tokenizer.json``, ``vocab.txt`` (WordPiece models), ``tokenizer_config.json`` and
+        ``special_tokens_map.json`` as HF's ``BertTokenizerFast`` does; returns the files written."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        written = [os.path.join(directory, "tokenizer.json")]
+        self._tokenizer.save(written[0])
+        model = json.loads(self._tokenizer.to_str())["model"]
+        vocab = self._tokenizer.get_vocab(with_added_tokens=False)
+        by_id = sorted(vocab, key=vocab.__getitem__)
+        # vocab.txt is positional: only write it when ids are exactly 0..n-1, or a reader would shift them
+        if model.get("type") == "WordPiece" and [vocab[t] for t in by_id] == list(range(len(by_id))):
+            written.append(os.path.join(directory, "vocab.txt"))
+            with open(written[-1], "w", encoding="utf-8") as handle:
+                handle.write("".join(token + "\n" for token in by_id))
+        config = {k: v for k, v in self.settings.items() if k not in ("name_or_path", "auto_map")}
+        config.update(self.special_tokens)
+        config.update(do_lower_case=self.do_lower_case, model_max_length=self.model_max_length,
+                      tokenizer_class="BertTokenizer")
+        config.setdefault("do_basic_tokenize", True)
+        config.setdefault("tokenize_chinese_chars", True)
+        config.setdefault("strip_accents", None)
+        config.setdefault("clean_up_tokenization_spaces", True)
+        if processor_class is not None:
+            config["processor_class"] = processor_class
+        written.append(os.path.join(directory, "tokenizer_config.json"))
+        _write_json(written[-1], config)
+        written.append(os.path.join(directory, "special_tokens_map.json"))
+        _write_json(written[-1], dict(self.special_tokens))
+        return written
 
     @staticmethod
     def _from_vocab(vocab_path: str, lowercase: bool) -> Any:
@@ -301,15 +428,31 @@ class AlignProcessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> AlignProcessor:
-        """Read ``preprocessor_config.json`` (align-base settings if absent) and the tokenizer files."""
-        path = os.path.join(directory, "preprocessor_config.json")
+        """Read the image processor's settings (processor_config.json's "image_processor" entry, else
+        preprocessor_config.json, else align-base's) and the tokenizer files from a local folder."""
+        directory = os.fspath(directory)
+        settings = _image_processor_settings(directory)
         image_processor = None
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as handle:
-                settings = json.load(handle)
-            settings = {k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")}
-            image_processor = EfficientNetImageProcessor(**settings)
+        if settings is not None:
+            try:
+                image_processor = EfficientNetImageProcessor.from_dict(settings)
+            except (TypeError, ValueError) as err:
+                raise CheckpointError(f"{directory}: bad image processor settings ({err})") from None
         return cls(image_processor, BertTokenizer.from_pretrained(directory))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
+        """Write HF's processor layout (see the module docstring) into ``directory``; returns the files written.
+
+        Both image-processor files are written from the same settings: transformers 5.x reads processor_config.json,
+        4.x reads preprocessor_config.json.
+        """
+        directory = os.fspath(directory)
+        written = self.image_processor.save_pretrained(directory, processor_class=type(self).__name__)
+        written += self.tokenizer.save_pretrained(directory, processor_class=type(self).__name__)
+        written.append(os.path.join(directory, PROCESSOR_NAME))
+        _write_json(written[-1], {"image_processor": self.image_processor.to_dict(),
+                                  "processor_class": type(self).__name__})
+        return written
 
     def __call__(self, text: str | Sequence[str] | None = None, images: Any = None,
                  return_tensors: str | None = "pt", padding: bool | str = "max_length", max_length: int = 64,
