@@ -8,25 +8,11 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from mmtrain.errors import ConfigError
 from mmtrain.models.align.configuration import AlignConfig, AlignTextConfig, AlignVisionConfig
 from mmtrain.models.align.model import AlignModel
 from mmtrain.models.align.vision import round_filters
-
-
-def _attention_dict(attention: Any) -> dict | None:
-    if attention is None:
-        return None
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(attention, DictConfig):
-            return dict(OmegaConf.to_container(attention, resolve=True))  # type: ignore[arg-type]
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(attention)
 
 
 def align_tiny(
@@ -64,7 +50,7 @@ def align_tiny(
     projection_dim = round_filters(vision, vision_width)
     config = AlignConfig.from_text_vision_configs(text, vision, projection_dim=projection_dim,
                                                   temperature_init_value=temperature_init_value)
-    return AlignModel(config, attention=_attention_dict(attention))
+    return AlignModel(config, attention=attention)
 
 
 def _default_minilm_dir() -> str:
@@ -106,7 +92,7 @@ def align_minilm(
                           f"{projection_dim} wide, the MiniLM text tower is {text.hidden_size}")
     config = AlignConfig.from_text_vision_configs(text, vision, projection_dim=projection_dim,
                                                   temperature_init_value=temperature_init_value)
-    model = AlignModel(config, attention=_attention_dict(attention))
+    model = AlignModel(config, attention=attention)
     if pretrained:
         state, source = read_state_dict(directory)
         load_hf_state_dict(model.text_model, state, source)
@@ -129,4 +115,4 @@ def align_base(
     vision = AlignVisionConfig(image_size=image_size, drop_connect_rate=drop_connect_rate)
     config = AlignConfig.from_text_vision_configs(text, vision, projection_dim=640,
                                                   temperature_init_value=temperature_init_value)
-    return AlignModel(config, attention=_attention_dict(attention))
+    return AlignModel(config, attention=attention)
