@@ -5,6 +5,7 @@ from mmtrain.modules.position_embeddings import (
     TilePositionalEmbedding,
     TokenPositionalEmbedding,
 )
+from mmtrain.modules.rope import VisionRotaryPositionalEmbeddings
 from mmtrain.modules.transformer import (
     FeedForward,
     Fp32LayerNorm,
@@ -27,5 +28,6 @@ __all__ = [
     "TokenPositionalEmbedding",
     "TransformerCrossAttentionLayer",
     "TransformerSelfAttentionLayer",
+    "VisionRotaryPositionalEmbeddings",
     "VisionTransformer",
 ]

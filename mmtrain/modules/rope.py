@@ -1,4 +1,5 @@
-"""Rotary positional embeddings (RoPE), plain and with Llama 3.1's long-context frequency scaling.
+"""Rotary positional embeddings (RoPE): plain, with Llama 3.1's long-context frequency scaling, and 2-D for
+image patches (``VisionRotaryPositionalEmbeddings``, shapes in its docstring).
 
 Shapes:
     x: (b, s, n_h, h_d)                 queries or keys, head dimension last (h_d even)
@@ -13,6 +14,7 @@ checkpoints need no permutation. The rotation is computed in float32 and cast ba
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,3 +112,103 @@ class Llama3ScaledRoPE(RotaryPositionalEmbeddings):
         interpolated = (1 - smooth) * freqs / self.scale_factor + smooth * freqs
         scaled = torch.where(wavelen > low_freq_wavelen, freqs / self.scale_factor, interpolated)
         return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+class VisionRotaryPositionalEmbeddings(nn.Module):
+    """2-D (axial) RoPE for image patches, applied identically to every tile (torchtune's signature).
+
+    Shapes:
+        x: (b, s, n_h, h_d) with ``s = n_tiles * (patch_grid_size ** 2 + 1)`` and ``h_d = 2 * dim``
+        -> (b, s, n_h, h_d), same dtype as x
+
+    The patch at row ``y`` and column ``x`` of its tile (index ``y * grid + x``, row-major as the patch conv
+    flattens it) rotates the pairs of the first half of the head dimension by ``(x + 1) * theta_i`` and those of
+    the second half by ``(y + 1) * theta_i``, with ``theta_i = base ** (-2i / dim)`` for ``i < dim // 2`` and
+    interleaved pairs ``(2j, 2j + 1)`` as in ``RotaryPositionalEmbeddings``. The CLS token (last of each tile with
+    ``append_cls_token``, else first) is not rotated. The cos/sin cache has one row per token of a tile and is a
+    non-persistent buffer, so checkpoints carry no key for it.
+
+    Args:
+        patch_size: side of a square patch.
+        tile_size: side of a square tile; the tile holds ``(tile_size // patch_size) ** 2`` patches.
+        max_num_tiles: kept for torchtune's signature. torchtune splits the sequence into exactly this many tiles;
+            here the number of tiles is read from the sequence length, so images with fewer tiles (a batch padded
+            to its own most tiles) also work and give the same result per tile.
+        dim: rotary dimension per axis, ``head_dim // 2`` (even, so ``head_dim`` must be divisible by 4).
+        base: base of the geometric progression of rotation frequencies.
+        append_cls_token: True if the CLS token ends each tile, False if it starts it.
+
+    Raises:
+        ValueError: if ``dim`` is odd (at init), or if the sequence length is not a multiple of the tokens per tile
+            or the head dimension is not ``2 * dim`` (in forward).
+    """
+
+    def __init__(
+        self,
+        patch_size: int,
+        tile_size: int,
+        max_num_tiles: int,
+        dim: int,
+        base: int = 10_000,
+        append_cls_token: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim % 2 != 0:
+            raise ValueError(
+                f"VisionRotaryPositionalEmbeddings needs an even dim (head_dim // 2, so head_dim divisible by 4), "
+                f"got dim={dim}"
+            )
+        self.patch_grid_size = tile_size // patch_size
+        self.max_num_tiles = max_num_tiles
+        self.dim = dim
+        self.base = base
+        self.append_cls_token = append_cls_token
+        self.rope_init()
+
+    # FSDP2 / meta-device initialisation calls reset_parameters to refill buffers after to_empty().
+    def reset_parameters(self) -> None:
+        self.rope_init()
+
+    def _frequencies(self, device: torch.device | None = None) -> torch.Tensor:
+        exponents = torch.arange(0, self.dim, 2, device=device, dtype=torch.float64)[: self.dim // 2] / self.dim
+        return 1.0 / (self.base**exponents)
+
+    def rope_init(self) -> None:
+        device = self.theta.device if hasattr(self, "theta") else None
+        self.register_buffer("theta", self._frequencies(device).float(), persistent=False)
+        self.build_rope_cache()
+
+    def build_rope_cache(self) -> None:
+        grid = self.patch_grid_size
+        device = self.theta.device
+        patch_idx = torch.arange(grid * grid, dtype=torch.int64, device=device)
+        # Grid positions start at 1 (torchtune), so a patch in row/column 0 is still rotated.
+        x_pos = (patch_idx % grid + 1).to(torch.float64)
+        y_pos = (patch_idx // grid + 1).to(torch.float64)
+        theta = self._frequencies(device)
+        angles = torch.cat([torch.outer(x_pos, theta), torch.outer(y_pos, theta)], dim=-1)  # (grid**2, dim)
+        # The CLS token gets angle 0: cos 1, sin 0, the identity.
+        cls_angles = angles.new_zeros(1, self.dim)
+        angles = torch.cat([angles, cls_angles] if self.append_cls_token else [cls_angles, angles], dim=0)
+        cache = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).float()  # (grid**2 + 1, dim, 2)
+        self.register_buffer("cache", cache, persistent=False)
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """x (b, s, n_h, h_d) -> same shape; ``input_pos`` and other keywords are ignored (MultiHeadAttention passes
+        them to every positional embedding): positions come from each token's place in its tile."""
+        bsz, seq_len, n_h, h_d = x.shape
+        tokens_per_tile = self.cache.shape[0]
+        if seq_len % tokens_per_tile != 0:
+            raise ValueError(
+                f"Input sequence length {seq_len} is not a multiple of the 2D RoPE tokens per tile "
+                f"{tokens_per_tile} ((tile_size // patch_size) ** 2 + 1)"
+            )
+        if h_d != 2 * self.dim:
+            raise ValueError(f"2D RoPE with dim={self.dim} needs head_dim {2 * self.dim}, got {h_d}")
+        # (b, n_tiles, tokens_per_tile, n_h, h_d // 2, 2): every tile gets the same rotation.
+        pairs = x.float().reshape(bsz, seq_len // tokens_per_tile, tokens_per_tile, n_h, h_d // 2, 2)
+        rope = self.cache.view(1, 1, tokens_per_tile, 1, h_d // 2, 2)
+        cos, sin = rope[..., 0], rope[..., 1]
+        even, odd = pairs[..., 0], pairs[..., 1]
+        rotated = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+        return rotated.reshape(bsz, seq_len, n_h, h_d).type_as(x)

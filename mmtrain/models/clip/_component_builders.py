@@ -18,6 +18,7 @@ from mmtrain.modules.position_embeddings import (
     TilePositionalEmbedding,
     TokenPositionalEmbedding,
 )
+from mmtrain.modules.rope import VisionRotaryPositionalEmbeddings
 from mmtrain.modules.transformer import FeedForward, Fp32LayerNorm, TransformerSelfAttentionLayer
 from mmtrain.modules.vision_transformer import CLSProjection, VisionTransformer
 
@@ -45,17 +46,24 @@ def clip_vision_encoder(
     (tiled with gated tile embeddings before and after the layers when ``max_num_tiles > 1``), optional CLS
     projection.
 
+    ``use_rope=True`` gives every layer's attention a 2-D ``VisionRotaryPositionalEmbeddings`` on queries and keys
+    (``dim=head_dim // 2``, base 10000, CLS token unrotated at the end or start per ``append_cls_token``), in
+    addition to the learned positional embeddings; it adds no parameters or state-dict keys.
+
     Output shapes: see ``VisionTransformer``; tokens per tile = (tile_size // patch_size) ** 2 + 1.
 
     Raises:
-        ValueError: if ``embed_dim`` is not divisible by ``num_heads``.
-        NotImplementedError: for ``use_rope=True`` (2-D vision RoPE is not implemented in mmtrain yet).
+        ValueError: if ``embed_dim`` is not divisible by ``num_heads``, or with ``use_rope`` if ``head_dim`` is not
+            divisible by 4.
     """
     if embed_dim % num_heads != 0:
         raise ValueError(f"embed_dim must be divisible by num_heads, got {embed_dim} and {num_heads}")
-    if use_rope:
-        raise NotImplementedError("clip_vision_encoder(use_rope=True): 2-D vision RoPE is not implemented yet")
     head_dim = embed_dim // num_heads
+    if use_rope and head_dim % 4 != 0:
+        raise ValueError(
+            f"use_rope needs head_dim (embed_dim // num_heads) divisible by 4 (half per image axis, in rotated "
+            f"pairs), got {head_dim}"
+        )
     n_tokens = max_num_tiles * ((tile_size // patch_size) ** 2 + 1)
 
     layers = nn.ModuleList()
@@ -69,7 +77,19 @@ def clip_vision_encoder(
             k_proj=nn.Linear(embed_dim, embed_dim, bias=attn_bias),
             v_proj=nn.Linear(embed_dim, embed_dim, bias=attn_bias),
             output_proj=nn.Linear(embed_dim, embed_dim, bias=attn_bias),
-            pos_embeddings=None,
+            # One per layer like torchtune's deep-copied layers; the caches are small non-persistent buffers.
+            pos_embeddings=(
+                VisionRotaryPositionalEmbeddings(
+                    patch_size=patch_size,
+                    tile_size=tile_size,
+                    max_num_tiles=max_num_tiles,
+                    dim=head_dim // 2,
+                    base=10_000,
+                    append_cls_token=append_cls_token,
+                )
+                if use_rope
+                else None
+            ),
             max_seq_len=n_tokens,
             attn_dropout=0.0,
             is_causal=False,
