@@ -5,7 +5,7 @@ from mmtrain.modules.position_embeddings import (
     TilePositionalEmbedding,
     TokenPositionalEmbedding,
 )
-from mmtrain.modules.rope import VisionRotaryPositionalEmbeddings
+from mmtrain.modules.rope import RotaryPositionalEmbeddings, VisionRotaryPositionalEmbeddings
 from mmtrain.modules.transformer import (
     FeedForward,
     Fp32LayerNorm,
@@ -22,6 +22,7 @@ __all__ = [
     "FeedForward",
     "Fp32LayerNorm",
     "RMSNorm",
+    "RotaryPositionalEmbeddings",
     "TanhGate",
     "TilePositionalEmbedding",
     "TiledTokenPositionalEmbedding",

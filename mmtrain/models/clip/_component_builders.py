@@ -40,6 +40,7 @@ def clip_vision_encoder(
     max_num_tiles: int = 4,
     in_channels: int = 3,
     append_cls_token: bool = False,
+    use_tile_pos_embed: bool = True,
     attention: dict[str, Any] | None = None,
 ) -> VisionTransformer:
     """The CLIP ViT: pre-norm layers (Fp32LayerNorm, MLP 4x with ``activation``), token positional embedding
@@ -49,6 +50,9 @@ def clip_vision_encoder(
     ``use_rope=True`` gives every layer's attention a 2-D ``VisionRotaryPositionalEmbeddings`` on queries and keys
     (``dim=head_dim // 2``, base 10000, CLS token unrotated at the end or start per ``append_cls_token``), in
     addition to the learned positional embeddings; it adds no parameters or state-dict keys.
+
+    ``use_tile_pos_embed=False`` (Llama 4's choice) keeps one token positional embedding shared by every tile and
+    drops the tile embeddings and the aspect-ratio-indexed global part, even with ``max_num_tiles > 1``.
 
     Output shapes: see ``VisionTransformer``; tokens per tile = (tile_size // patch_size) ** 2 + 1.
 
@@ -105,7 +109,7 @@ def clip_vision_encoder(
             )
         )
 
-    if max_num_tiles == 1:
+    if not use_tile_pos_embed or max_num_tiles == 1:
         pre_tile_pos_embed = None
         post_tile_pos_embed = None
         token_pos_embedding: nn.Module = TokenPositionalEmbedding(

@@ -84,3 +84,26 @@ def test_checkpoint_for_other_max_num_tiles_and_tile_size_adapts():
     torch.testing.assert_close(dst.layers[0].attn.q_proj.weight, src.layers[0].attn.q_proj.weight)
     x, _ = dst(torch.randn(1, 1, 2, 3, 6, 6), torch.tensor([[[1, 2]]]))
     assert x.shape == (1, 1, 2, 1, 512)
+
+
+def test_without_tile_pos_embed_every_tile_shares_one_token_embedding():
+    torch.manual_seed(0)
+    enc = clip_vision_encoder(tile_size=8, patch_size=4, embed_dim=16, num_layers=1, num_heads=2, max_num_tiles=4,
+                              use_tile_pos_embed=False)
+    keys = set(enc.state_dict())
+    assert "token_pos_embedding.positional_embedding" in keys
+    assert not any(k.startswith(("pre_tile_pos_embed", "post_tile_pos_embed")) for k in keys)
+    assert not any("global" in k or "gate" in k for k in keys if k.startswith("token_pos_embedding"))
+    assert enc.state_dict()["token_pos_embedding.positional_embedding"].shape == (5, 16)  # 2x2 patches + CLS
+    images = torch.randn(1, 1, 4, 3, 8, 8)
+    wide, tall = enc(images, aspect_ratio=torch.tensor([[[1, 4]]])), enc(images, aspect_ratio=torch.tensor([[[4, 1]]]))
+    # nothing depends on the tile layout any more: the same tiles give the same tokens whatever the aspect ratio
+    assert wide[0].shape == (1, 1, 4, 5, 16)
+    torch.testing.assert_close(wide[0], tall[0])
+    tiled = clip_vision_encoder(tile_size=8, patch_size=4, embed_dim=16, num_layers=1, num_heads=2, max_num_tiles=4)
+    with torch.no_grad():
+        for name, param in tiled.named_parameters():
+            if "gate" in name:
+                param.fill_(1.0)  # the gates start closed (0): open them so the tile layout shows
+    assert not torch.allclose(tiled(images, aspect_ratio=torch.tensor([[[1, 4]]]))[0],
+                              tiled(images, aspect_ratio=torch.tensor([[[4, 1]]]))[0])
