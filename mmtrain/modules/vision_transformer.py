@@ -40,7 +40,10 @@ class VisionTransformer(nn.Module):
         layer: one transformer layer, deep-copied ``num_layers`` times, or an ``nn.ModuleList`` of the layers.
         token_pos_embedding: ``module(x, aspect_ratio)`` adding token positional embeddings.
         pre_tile_pos_embed, post_tile_pos_embed: tile embeddings before / after the layers (None without tiling).
-        cls_projection: maps (bsz, n_imgs, n_tiles, n_tokens, embed_dim) to the CLS projection (only it is output).
+        cls_projection: maps (bsz, n_imgs, n_tiles, n_tokens, embed_dim) to (bsz, n_imgs, n_tiles, 1,
+            cls_output_dim), which is then the only output. The seed page describes a (bsz * n_tiles, n_tokens,
+            embed_dim) input; torchtune's code passes the 5-D tensor as this does, so a module written for torchtune
+            works here unchanged.
         out_indices: layer indices whose inputs are returned as hidden states.
         in_channels: image channels.
         append_cls_token: put the CLS token last instead of first.

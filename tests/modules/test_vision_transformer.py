@@ -176,3 +176,20 @@ def test_attention_config_reaches_every_layer():
     with pytest.raises(ValueError, match="unknown attention"):
         clip_vision_encoder(tile_size=4, patch_size=2, embed_dim=D, num_layers=1, num_heads=HEADS,
                             attention={"name": "no_such_attention"})
+
+
+def test_torchtune_import_paths_from_the_pages_resolve_to_mmtrain_objects():
+    from mmtrain.models.clip import TiledTokenPositionalEmbedding as from_models
+    from mmtrain.models.clip._position_embeddings import TilePositionalEmbedding, TokenPositionalEmbedding
+    from mmtrain.modules import TiledTokenPositionalEmbedding as from_modules
+    from mmtrain.modules import TilePositionalEmbedding as tile_from_modules
+    from mmtrain.modules import TokenPositionalEmbedding as token_from_modules
+    from mmtrain.modules.transforms.vision_utils.get_canvas_best_fit import get_canvas_best_fit
+    from mmtrain.modules.transforms.vision_utils.resize_with_pad import resize_with_pad
+    from mmtrain.modules.transforms.vision_utils.tile_crop import tile_crop as page_tile_crop
+
+    assert from_models is from_modules and TilePositionalEmbedding is tile_from_modules
+    assert TokenPositionalEmbedding is token_from_modules and page_tile_crop is tile_crop
+    canvas = get_canvas_best_fit(torch.zeros(3, 300, 500), [(224, 224), (224, 448), (448, 224)], False)
+    assert canvas == (224, 448)
+    assert resize_with_pad(torch.ones(3, 300, 500), canvas).shape == (3, 224, 448)

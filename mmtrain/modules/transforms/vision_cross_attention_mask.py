@@ -39,7 +39,7 @@ class VisionCrossAttentionMask:
         self.image_token_id = image_token_id
         self.max_num_tiles = max_num_tiles
 
-    def _get_image_attention_intervals(self, tokens: list[int]) -> list[list[int]]:
+    def get_image_attention_intervals(self, tokens: list[int]) -> list[list[int]]:
         """[start, end) of the text each image attends to, one interval per image token, in order."""
         end = len(tokens)
         locations = [i for i, token in enumerate(tokens) if token == self.image_token_id]
@@ -66,7 +66,7 @@ class VisionCrossAttentionMask:
         """
         tokens = list(sample["tokens"])
         images = sample["encoder_input"]["images"]
-        intervals = self._get_image_attention_intervals(tokens)
+        intervals = self.get_image_attention_intervals(tokens)
         if len(intervals) != len(images):
             raise ImageTokenMismatchError(
                 f"The number of image tokens ({len(intervals)}) does not match the number of images "

@@ -45,3 +45,10 @@ def test_mismatch_raises():
     with pytest.raises(DataError):
         transform({"tokens": [1, 2], "encoder_input": {"images": [torch.zeros(1, 3, 4, 4)]}})
     assert transform({"tokens": [1, 2], "encoder_input": {"images": []}})["encoder_mask"] == []
+
+
+def test_image_attention_intervals_are_public_as_in_torchtune():
+    transform = VisionCrossAttentionMask(tile_size=4, patch_size=2, image_token_id=IMG)
+    # img1 and img2 both attend to "These are two dogs." (up to img3); img3 to the end
+    assert transform.get_image_attention_intervals(TOKENS) == [[0, 6], [1, 6], [6, 11]]
+    assert transform.get_image_attention_intervals([1, 2, 3]) == []
