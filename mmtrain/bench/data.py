@@ -39,6 +39,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--num-batches", type=int, default=20, help="timed batches (after one warm-up batch)")
     parser.add_argument("--paths", default="cpu,cpu_uint8,gpu", help="comma list of cpu,cpu_uint8,gpu (gpu: CUDA)")
+    parser.add_argument("--no-draft-decode", action="store_true",
+                        help="decode JPEGs at full size (default: reduced-scale decode where the crop allows)")
     parser.add_argument("--out", default="bench_results/data.json")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run for tests")
     args = parser.parse_args(argv)
@@ -88,7 +90,7 @@ def bench_cpu(path: str, args, normalize_on_device: bool = False) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dataset = image_folder_dataset("train", path=path, image_size=args.image_size,
-                                   transform={"scale": [0.35, 1.0]})
+                                   transform={"scale": [0.35, 1.0]}, draft_decode=not args.no_draft_decode)
     loader = build_contrastive_loader(
         dataset, shapes_tokenizer(16), batch_size=args.batch_size, shuffle=True, seed=0,
         num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
@@ -107,7 +109,8 @@ def bench_cpu(path: str, args, normalize_on_device: bool = False) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds, images = _time_batches(on_device(), args.num_batches, sync)
     return {"path": "cpu_uint8" if normalize_on_device else "cpu", "images": images, "seconds": seconds,
-            "images_per_s": images / seconds, "num_workers": args.num_workers}
+            "images_per_s": images / seconds, "num_workers": args.num_workers,
+            "draft_decode": not args.no_draft_decode}
 
 
 def _as_list(samples):
