@@ -7,7 +7,13 @@ that fused SDPA kernels see 4-D inputs without a copy. Both work for every mecha
 
 Masks follow one convention everywhere: a boolean mask keeps the positions that are True, a float mask is added to
 the scores (``-inf`` drops a position). ``att_mask`` broadcasts against ``(*batch, S_q, S_k)``;
-``key_padding_mask`` broadcasts against ``(*batch, 1, S_k)`` (or is ``(batch, S_k)`` with 3-D inputs).
+``key_padding_mask`` broadcasts against ``(*batch, 1, S_k)`` (or is ``(batch, S_k)``, repeated over heads for 3-D
+inputs and viewed as ``(batch, 1, 1, S_k)`` for 4-D ones).
+
+Forward signatures follow xFormers' page: ``forward(q, k, v, att_mask=None, *args, key_padding_mask=None, **kwargs)``,
+except ``NystromAttention.forward(q, k, v, key_padding_mask=None, *args, **kwargs)``. Linformer and Favor take no
+attention mask: a 4th positional argument raises. A tensor among the extra positionals or under an unknown keyword
+raises too (``core.reject_ignored_masks``) where xFormers would silently ignore it.
 """
 
 from __future__ import annotations

@@ -16,7 +16,11 @@ from mmtrain.modules.attention.base import Attention, AttentionConfig, register_
 class AttentionMask:
     """An additive attention mask (``-inf`` drops a position), with an ``is_causal`` flag.
 
-    ``values`` has shape ``(S_q, S_k)`` or ``(batch, S_q, S_k)``.
+    ``values`` has shape ``(batch, S_q, S_k)``; a 2-D ``(S_q, S_k)`` mask is stored as ``(1, S_q, S_k)`` (as xFormers
+    does), so ``shape`` and ``ndim`` are always 3-D and the leading dimension broadcasts over the batch.
+    ``seq_len`` is ``S_q`` and ``to_seq_len`` is ``S_k``. (xFormers sets ``to_seq_len`` from ``values.shape[0]``,
+    which after its own unsqueeze is the batch dimension; mmtrain uses the key length, the meaning the name and
+    ``make_causal``/``make_crop`` give it.)
     """
 
     def __init__(self, additive_mask: torch.Tensor, is_causal: bool = False) -> None:
@@ -24,8 +28,16 @@ class AttentionMask:
             raise ValueError("AttentionMask holds an additive float mask; use AttentionMask.from_bool for booleans")
         if additive_mask.ndim not in (2, 3):
             raise ValueError(f"an attention mask is 2-D or 3-D, got shape {tuple(additive_mask.shape)}")
+        if additive_mask.ndim == 2:
+            additive_mask = additive_mask.unsqueeze(0)  # a view: make_crop of a 2-D mask still shares storage
         self.values = additive_mask
         self.is_causal = is_causal
+        self.seq_len = additive_mask.shape[-2]
+        self.to_seq_len = additive_mask.shape[-1]
+
+    def to_bool(self) -> torch.Tensor:
+        """The mask as a bool ``(batch, S_q, S_k)`` tensor: True where the position is computed (not ``-inf``)."""
+        return self.values != float("-inf")
 
     @classmethod
     def from_bool(cls, x: torch.Tensor) -> AttentionMask:
@@ -93,6 +105,69 @@ class AttentionMask:
         return self.values.is_sparse
 
 
+def reject_ignored_masks(mechanism: torch.nn.Module, fourth: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Raise where a forward would silently ignore a mask handed to it.
+
+    xFormers' forwards end in ``*args, **kwargs`` and drop whatever lands there, so a mask passed one position too
+    far (``attn(q, k, v, att_mask, key_padding_mask)``) or under a foreign name (``attn_mask=``) did nothing. Here a
+    tensor or ``AttentionMask`` among the extra positionals or unknown keywords is an error; other extras stay
+    accepted and ignored, for xFormers' call compatibility. ``fourth`` names the mechanism's 4th positional parameter.
+    """
+    name = type(mechanism).__name__
+    for position, value in enumerate(args, start=5):
+        if isinstance(value, (torch.Tensor, AttentionMask)):
+            raise TypeError(
+                f"{name}.forward(q, k, v, {fourth}=None, ...) got a tensor as positional argument {position}, "
+                "which it would ignore; pass key_padding_mask= by keyword"
+            )
+    for key, value in kwargs.items():
+        if isinstance(value, (torch.Tensor, AttentionMask)):
+            if key == "att_mask":
+                raise ValueError(f"{name} takes no att_mask (supports_attention_mask is False); "
+                                 "pass padding as key_padding_mask=")
+            raise TypeError(f"{name}.forward got an unexpected mask argument {key!r}, which it would ignore "
+                            f"(masks: {fourth}{'' if fourth == 'key_padding_mask' else ', key_padding_mask'})")
+
+
+def shape_key_padding_mask(key_padding_mask: torch.Tensor, q: torch.Tensor, s_k: int,
+                           given: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The key padding mask (any dtype, kept) reshaped to broadcast against ``(*batch, 1, S_k)``.
+
+    Accepted: ``(batch, S_k)`` (repeated over heads for 3-D inputs ``(batch * heads, S, D)``; viewed as
+    ``(batch, 1, 1, S_k)`` for 4-D inputs ``(batch, heads, S, D)``), ``(batch * heads, 1, S_k)``, or anything that
+    broadcasts against ``(*batch, 1, S_k)`` such as the wrapper's ``(batch, 1, 1, S_k)``.
+
+    Raises:
+        ValueError: the mask does not fit; the message names the given and the expected shapes.
+    """
+    kpm = key_padding_mask
+    given = tuple(kpm.shape) if given is None else given
+    target = (*q.shape[:-2], 1, s_k)
+    if q.ndim == 3:
+        expected = f"(batch, {s_k}) with batch dividing {q.shape[0]}, or ({q.shape[0]}, 1, {s_k})"
+    else:
+        expected = f"(batch, {s_k}) or a shape broadcasting to {target}"
+    if kpm.ndim == 0 or kpm.shape[-1] != s_k:
+        raise ValueError(f"key_padding_mask of shape {given} does not cover the {s_k} keys: expected {expected}")
+    if kpm.ndim == 2 and q.ndim == 3:
+        if q.shape[0] % kpm.shape[0] != 0:
+            raise ValueError(f"key_padding_mask of shape {given}: batch {kpm.shape[0]} does not divide the attention "
+                             f"batch {q.shape[0]}; expected {expected}")
+        kpm = kpm.repeat_interleave(q.shape[0] // kpm.shape[0], dim=0)
+    elif kpm.ndim == 2 and q.ndim > 3:
+        kpm = kpm.reshape(kpm.shape[0], *([1] * (q.ndim - 2)), s_k)
+    if kpm.ndim == q.ndim - 1:
+        kpm = kpm.unsqueeze(-2)
+    try:
+        fits = torch.broadcast_shapes(kpm.shape, target) == torch.Size(target)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"key_padding_mask of shape {given} does not fit inputs of shape {tuple(q.shape)}: "
+                         f"expected {expected}")
+    return kpm
+
+
 def key_padding_to_additive(key_padding_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if key_padding_mask.dtype == torch.bool:
         return torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device).masked_fill(
@@ -109,24 +184,14 @@ def merge_masks(
 ) -> torch.Tensor | None:
     """One mask (bool or additive) that broadcasts against ``(*batch, S_q, S_k)``, or None.
 
-    A key padding mask of shape ``(batch, S_k)`` given with 3-D inputs ``(batch * heads, S, D)`` is repeated over
-    the heads; otherwise it must broadcast against ``(*batch, 1, S_k)``.
+    The key padding mask is shaped by ``shape_key_padding_mask`` (``(batch, S_k)``, ``(batch * heads, 1, S_k)``, or
+    anything broadcasting against ``(*batch, 1, S_k)``).
     """
     if isinstance(att_mask, AttentionMask):
         att_mask = att_mask.values
     if key_padding_mask is None:
         return att_mask
-    kpm = key_padding_mask
-    if kpm.ndim == 2 and q.ndim == 3:
-        if q.shape[0] % kpm.shape[0] != 0:
-            raise ValueError(
-                f"key_padding_mask batch {kpm.shape[0]} does not divide the attention batch {q.shape[0]}"
-            )
-        kpm = kpm.repeat_interleave(q.shape[0] // kpm.shape[0], dim=0)
-    if kpm.shape[-1] != k.shape[-2]:
-        raise ValueError(f"key_padding_mask covers {kpm.shape[-1]} keys, attention has {k.shape[-2]}")
-    if kpm.ndim == q.ndim - 1:
-        kpm = kpm.unsqueeze(-2)
+    kpm = shape_key_padding_mask(key_padding_mask, q, k.shape[-2])
     if att_mask is None:
         return kpm
     if att_mask.dtype == torch.bool and kpm.dtype == torch.bool:
@@ -164,6 +229,23 @@ class ScaledDotProduct(Attention):
         self.causal = causal
         self.seq_len = seq_len
         self.to_seq_len = to_seq_len
+        self._causal_mask: AttentionMask | None = None
+
+    @property
+    def mask(self) -> AttentionMask | None:
+        """xFormers' prebuilt mask: ``AttentionMask.make_causal(seq_len, to_seq_len)`` when ``causal`` and ``seq_len``
+        are given, else None. Read-only.
+
+        Built on first access and kept: forward never reads it (SDPA's ``is_causal``, or an explicit bottom-right band
+        when a mask or ``S_q != S_k`` needs one, computes the causal band without an ``S x S`` tensor), and building it
+        eagerly would cost ``4 S^2`` bytes per layer (1 GiB at 16k tokens) in every model that passes ``seq_len``.
+        It is read-only because forward would ignore an assigned mask; pass ``att_mask`` to forward instead.
+        """
+        if not (self.causal and self.seq_len):
+            return None
+        if self._causal_mask is None:
+            self._causal_mask = AttentionMask.make_causal(self.seq_len, self.to_seq_len)
+        return self._causal_mask
 
     def forward(
         self,
@@ -175,6 +257,7 @@ class ScaledDotProduct(Attention):
         key_padding_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        reject_ignored_masks(self, "att_mask", args, kwargs)
         is_causal = self.causal
         if isinstance(att_mask, AttentionMask):
             # The values already hold the causal band of a causal AttentionMask; use them as they are.

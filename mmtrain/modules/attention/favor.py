@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mmtrain.modules.attention.base import Attention, AttentionConfig, register_attention
+from mmtrain.modules.attention.core import reject_ignored_masks
 from mmtrain.modules.attention.feature_maps import FEATURE_MAPS, FeatureMapType
 from mmtrain.modules.attention.pattern import normalize_key_padding_mask
 
@@ -113,8 +114,15 @@ class FavorAttention(Attention):
         )
         self._calls_since_redraw = 0
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
-                key_padding_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att_mask: torch.Tensor | None = None,
+                *args: Any, key_padding_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """``att_mask`` is named only so that a mask passed 4th (where the other mechanisms take it) raises instead
+        of landing in ``*args`` unseen: FavorAttention takes a ``key_padding_mask`` (by keyword) and no attention mask.
+        """
+        if att_mask is not None:
+            raise ValueError("FavorAttention takes no att_mask (supports_attention_mask is False); "
+                             "pass padding as key_padding_mask=")
+        reject_ignored_masks(self, "att_mask", args, kwargs)
         if self.training and self.iter_before_redraw is not None:
             if self._calls_since_redraw >= self.iter_before_redraw:
                 self.feature_map.redraw(q.shape[-1], q.device)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtrain.modules.attention.base import Attention, AttentionConfig, register_attention
+from mmtrain.modules.attention.core import reject_ignored_masks
 from mmtrain.modules.attention.pattern import normalize_key_padding_mask
 
 
@@ -50,8 +51,15 @@ class LinformerAttention(Attention):
         self.E = nn.Linear(seq_len, k, bias=False)
         self.F = nn.Linear(seq_len, k, bias=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
-                key_padding_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att_mask: torch.Tensor | None = None,
+                *args: Any, key_padding_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """``att_mask`` is named only so that a mask passed 4th (where the other mechanisms take it) raises instead
+        of landing in ``*args`` unseen: LinformerAttention takes a ``key_padding_mask`` (by keyword) and no attention mask.
+        """
+        if att_mask is not None:
+            raise ValueError("LinformerAttention takes no att_mask (supports_attention_mask is False); "
+                             "pass padding as key_padding_mask=")
+        reject_ignored_masks(self, "att_mask", args, kwargs)
         s_k = k.shape[-2]
         if s_k > self.seq_len:
             raise ValueError(f"LinformerAttention was built for seq_len={self.seq_len}, got a sequence of {s_k}")

@@ -185,6 +185,10 @@ class MultiHeadAttention(nn.Module):
         # Decoding with a cache gives s_x < s_kv: causal mechanisms align the band bottom-right, which is
         # exactly "each new token sees the cache and itself".
         attn_kwargs: dict[str, Any] = {}
+        if isinstance(mask, AttentionMask):
+            # Its values are (1 or b, s_x, s_kv) (a 2-D mask is stored with a leading 1): a batch dimension, which
+            # must line up with b, not with the heads, so the tensor goes through the same unsqueeze as below.
+            mask = mask.values
         if isinstance(mask, torch.Tensor) and mask.ndim == 3:
             mask = mask.unsqueeze(1)  # (b, 1, s_x, s_kv): broadcast over heads
         if key_padding_mask is not None:

@@ -11,10 +11,15 @@ With landmarks ``Q~ = pool(Q)``, ``K~ = pool(K)`` (``m`` segment means unless ``
 it is exact softmax attention (as in xFormers). ``conv_kernel_size`` adds the depthwise convolution skip over ``V``
 (per head, along the sequence); ``v_skip_connection`` replaces it with any module on ``(batch, heads, S, D_v)``.
 Under ``causal`` the three kernels get xFormers' triangular masks (index ``i`` may use landmark/key ``j <= i``).
+
+``forward(q, k, v, key_padding_mask=None)`` takes the key padding mask 4th, as on xFormers' page; a mask whose
+dimensions do not fit the inputs is ignored with a ``UserWarning`` naming the given and expected shapes (the page:
+"If dimensions are not correct, the mask will be ignored").
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtrain.modules.attention.base import Attention, AttentionConfig, register_attention
+from mmtrain.modules.attention.core import reject_ignored_masks
 from mmtrain.modules.attention.pattern import normalize_key_padding_mask
 
 
@@ -133,12 +139,25 @@ class NystromAttention(Attention):
                 padding=(conv_kernel_size // 2, 0), bias=False, groups=self.num_heads,
             )
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
-                key_padding_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``key_padding_mask`` (the 4th positional argument, as on xFormers' page): bool (True keeps) or additive
+        float (``-inf`` drops), shaped ``(batch, S)`` or ``(batch * heads, 1, S)`` (for 4-D inputs
+        ``(batch, heads, S, D)`` also anything broadcasting to ``(batch, heads, 1, S)``).
+
+        A mask whose dimensions do not fit is ignored, as the page documents, with a ``UserWarning`` that names the
+        given and the expected shapes (xFormers ignores it silently; the other mechanisms raise ``ValueError``).
+        NystromAttention takes no ``att_mask``: passing one by keyword raises ``ValueError``.
+        """
+        reject_ignored_masks(self, "key_padding_mask", args, kwargs)
         seq_len = k.shape[-2]
         if q.shape[-2] != seq_len:
             raise ValueError(f"NystromAttention is self-attention: {q.shape[-2]} queries but {seq_len} keys")
-        keep = normalize_key_padding_mask(key_padding_mask, q, seq_len)  # (*batch, 1, S) or None
+        try:
+            keep = normalize_key_padding_mask(key_padding_mask, q, seq_len)  # (*batch, 1, S) or None
+        except ValueError as err:
+            warnings.warn(f"NystromAttention ignores this key_padding_mask: {err}", UserWarning, stacklevel=4)
+            keep = None
         key_additive = None
         if keep is not None:
             # Padded positions are zeroed as queries and keys (they then pool into the landmarks as zeros).

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mmtrain.modules.attention.base import Attention, AttentionConfig, register_attention
-from mmtrain.modules.attention.core import AttentionMask, ScaledDotProduct
+from mmtrain.modules.attention.core import AttentionMask, ScaledDotProduct, reject_ignored_masks
 from mmtrain.modules.attention.pattern import normalize_key_padding_mask
 
 
@@ -74,6 +74,7 @@ class OrthoFormerAttention(Attention):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 att_mask: torch.Tensor | AttentionMask | None = None, *args: Any,
                 key_padding_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        reject_ignored_masks(self, "att_mask", args, kwargs)
         s_k = k.shape[-2]
         if self.num_landmarks == s_k:
             self._exact.train(self.training)

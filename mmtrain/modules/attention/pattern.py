@@ -27,7 +27,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mmtrain.modules.attention.base import Attention
-from mmtrain.modules.attention.core import AttentionMask
+from mmtrain.modules.attention.core import AttentionMask, reject_ignored_masks, shape_key_padding_mask
 
 logger = logging.getLogger(__name__)
 
@@ -66,26 +66,16 @@ def make_block_mask(keep4: Callable[..., torch.Tensor], batch: int | None, heads
 
 def normalize_key_padding_mask(key_padding_mask: torch.Tensor | None, q: torch.Tensor,
                                s_k: int) -> torch.Tensor | None:
-    """A bool keep-mask broadcasting against ``(*batch, 1, S_k)`` (True keeps).
+    """A bool keep-mask broadcasting against ``(*batch, 1, S_k)`` (True keeps); shapes as ``shape_key_padding_mask``.
 
-    Accepts bool (True keeps) or additive float (``-inf`` drops) masks shaped ``(batch, S_k)`` (repeated over heads
-    for 3-D inputs ``(batch * heads, S, D)``), ``(batch * heads, 1, S_k)``, or anything that broadcasts against
-    ``(*batch, 1, S_k)`` such as the wrapper's ``(batch, 1, 1, S_k)``.
+    Accepts bool (True keeps) or additive float (``-inf`` drops) masks.
     """
     if key_padding_mask is None:
         return None
     kpm = key_padding_mask
     if kpm.dtype != torch.bool:
         kpm = torch.isfinite(kpm) | (kpm > 0)
-    if kpm.shape[-1] != s_k:
-        raise ValueError(f"key_padding_mask covers {kpm.shape[-1]} keys, attention has {s_k}")
-    if kpm.ndim == 2 and q.ndim == 3:
-        if q.shape[0] % kpm.shape[0] != 0:
-            raise ValueError(f"key_padding_mask batch {kpm.shape[0]} does not divide the attention batch {q.shape[0]}")
-        kpm = kpm.repeat_interleave(q.shape[0] // kpm.shape[0], dim=0)
-    if kpm.ndim == q.ndim - 1:
-        kpm = kpm.unsqueeze(-2)
-    return kpm
+    return shape_key_padding_mask(kpm, q, s_k, given=tuple(key_padding_mask.shape))
 
 
 def _as_mask_tensor(att_mask: torch.Tensor | AttentionMask | None) -> torch.Tensor | None:
@@ -181,6 +171,7 @@ class PatternAttention(Attention):
         key_padding_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        reject_ignored_masks(self, "att_mask", args, kwargs)
         s_q, s_k = q.shape[-2], k.shape[-2]
         keep = self.make_keep(s_q, s_k, q.device)
         kpm = normalize_key_padding_mask(key_padding_mask, q, s_k)

@@ -33,8 +33,9 @@ def qkv(*lead, s_q=7, s_k=None, d=8, seed=0):
 def test_from_bool_true_keeps_and_from_multiplicative():
     keep = torch.tensor([[True, False], [False, True]])
     mask = AttentionMask.from_bool(keep)
-    assert mask.values[0, 0] == 0 and mask.values[0, 1] == float("-inf")
-    assert mask.shape == (2, 2) and mask.ndim == 2 and mask.dtype == torch.float32
+    # A 2-D mask is stored as (1, S, T), as xFormers does.
+    assert mask.values[0, 0, 0] == 0 and mask.values[0, 0, 1] == float("-inf")
+    assert mask.shape == (1, 2, 2) and mask.ndim == 3 and mask.dtype == torch.float32
     assert mask.device == torch.device("cpu") and not mask.is_sparse and not mask.is_causal
     multiplicative = AttentionMask.from_multiplicative(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
     assert torch.equal(multiplicative.values, mask.values)
@@ -48,14 +49,14 @@ def test_make_causal_crop_add_and_to():
     causal = AttentionMask.make_causal(5, 6, dtype=torch.float64)
     assert causal.is_causal and causal.dtype == torch.float64
     expected = torch.tensor([[j <= i for j in range(6)] for i in range(5)])
-    assert torch.equal(torch.isfinite(causal.values), expected)
+    assert torch.equal(torch.isfinite(causal.values), expected[None])
     crop = causal.make_crop(3, 4)
-    assert crop.shape == (3, 4) and crop.is_causal
+    assert crop.shape == (1, 3, 4) and crop.is_causal
     assert crop.values.data_ptr() == causal.values.data_ptr()  # a view, not a copy
     padding = AttentionMask.from_bool(torch.tensor([True, True, True, False])[None, :].expand(3, 4))
     both = crop + padding
     assert both.is_causal
-    assert torch.equal(torch.isfinite(both.values), expected[:3, :4] & torch.tensor([True, True, True, False]))
+    assert torch.equal(torch.isfinite(both.values), (expected[:3, :4] & torch.tensor([True, True, True, False]))[None])
     assert (crop.to(torch.float16)).dtype == torch.float16
     with pytest.raises(ValueError):
         crop.to(torch.bool)
