@@ -9,6 +9,8 @@ Keys on disk are always HF's. The only internal names that differ are in the BER
     encoder.layer.N.attention.self.value          encoder.layer.N.attention.attn.v_proj
     encoder.layer.N.attention.output.dense        encoder.layer.N.attention.attn.output_proj
     encoder.layer.N.attention.output.LayerNorm    encoder.layer.N.attention.norm
+    encoder.layer.N.attention.self.distance_embedding   encoder.layer.N.attention.distance_embedding
+                                                  (relative_key / relative_key_query only)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ _HF_TO_INTERNAL = [
     (re.compile(r"(encoder\.layer\.\d+\.attention\.)self\.value\."), r"\1attn.v_proj."),
     (re.compile(r"(encoder\.layer\.\d+\.attention\.)output\.dense\."), r"\1attn.output_proj."),
     (re.compile(r"(encoder\.layer\.\d+\.attention\.)output\.LayerNorm\."), r"\1norm."),
+    (re.compile(r"(encoder\.layer\.\d+\.attention\.)self\.distance_embedding\."), r"\1distance_embedding."),
 ]
 _INTERNAL_TO_HF = [
     (re.compile(r"(encoder\.layer\.\d+\.attention\.)attn\.q_proj\."), r"\1self.query."),
@@ -40,6 +43,7 @@ _INTERNAL_TO_HF = [
     (re.compile(r"(encoder\.layer\.\d+\.attention\.)attn\.v_proj\."), r"\1self.value."),
     (re.compile(r"(encoder\.layer\.\d+\.attention\.)attn\.output_proj\."), r"\1output.dense."),
     (re.compile(r"(encoder\.layer\.\d+\.attention\.)norm\."), r"\1output.LayerNorm."),
+    (re.compile(r"(encoder\.layer\.\d+\.attention\.)distance_embedding\."), r"\1self.distance_embedding."),
 ]
 # Buffers some checkpoints carry that we do not keep (or keep as non-persistent), and pretraining heads.
 _IGNORABLE = re.compile(r"(^|\.)(position_ids|token_type_ids|num_batches_tracked)$|^(cls|lm_head|classifier)\.")
@@ -65,6 +69,9 @@ def internal_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def read_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
     """Read the weights in ``directory`` -> (HF-keyed state dict, file it came from). Never unpickles code."""
+    from mmtrain.models.align.configuration import check_local_folder
+
+    check_local_folder(directory)
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a folder (from_pretrained reads a local HF-layout folder)")
@@ -144,10 +151,16 @@ def load_hf_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source:
 
 def load_pretrained(cls: type, directory: str | os.PathLike, config: Any = None, **kwargs: Any) -> nn.Module:
     """Build ``cls`` from ``directory``'s config.json (unless ``config`` is given) and load its weights."""
-    from mmtrain.models.align.configuration import AlignConfig, AlignTextConfig, AlignVisionConfig
+    from mmtrain.models.align.configuration import (
+        AlignConfig,
+        AlignTextConfig,
+        AlignVisionConfig,
+        check_local_folder,
+    )
     from mmtrain.models.align.model import AlignModel
     from mmtrain.models.align.text import AlignTextModel
 
+    check_local_folder(directory)
     config_cls = {AlignModel: AlignConfig, AlignTextModel: AlignTextConfig}.get(cls, AlignVisionConfig)
     if config is None:
         config = config_cls.from_pretrained(directory)

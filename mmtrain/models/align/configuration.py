@@ -11,22 +11,55 @@ import copy
 import json
 import math
 import os
+import re
 from typing import Any
 
 from mmtrain.errors import CheckpointError
 
 CONFIG_NAME = "config.json"
+# "relative_key": Shaw et al. (distance embeddings added to the query side of the scores); "relative_key_query":
+# Huang et al. method 4 (added on the query and the key side). Both as HF's BertSelfAttention implements them.
+POSITION_EMBEDDING_TYPES = ("absolute", "relative_key", "relative_key_query")
 _TRANSFORMERS_VERSION = "4.40.0"  # written into config.json so HF accepts the file; any recent version works
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_local_folder(directory: str | os.PathLike) -> None:
+    """Raise a one-line ``CheckpointError`` when ``directory`` does not exist and looks like a hub id ("org/name"):
+    mmtrain never downloads, so say so instead of complaining about a missing config.json."""
+    path = os.fspath(directory)
+    if not os.path.exists(path) and _HUB_ID.match(path):
+        raise CheckpointError(
+            f"{path}: no such local folder, and hub ids are not supported (mmtrain never uses the network); "
+            f"download the repo (e.g. `huggingface-cli download {path} --local-dir <dir>`) and pass that folder")
+
+
+# PretrainedConfig's output switches: forward() falls back to these when its own argument is None.
+_OUTPUT_FLAG_DEFAULTS: dict[str, bool] = {"return_dict": True, "output_hidden_states": False,
+                                          "output_attentions": False}
+
+
 class _ConfigBase:
-    """Plain attribute bag: known fields with defaults, unknown keys kept so that a round trip loses nothing."""
+    """Plain attribute bag: known fields with defaults, unknown keys kept so that a round trip loses nothing.
+
+    Every config also carries HF's ``return_dict`` (True), ``output_hidden_states`` (False) and
+    ``output_attentions`` (False), which the models use when the matching forward argument is None.
+    """
 
     model_type = ""
     _fields: tuple[str, ...] = ()
 
+    return_dict: bool
+    output_hidden_states: bool
+    output_attentions: bool
+
     def __init__(self, **kwargs: Any) -> None:
         self.extra: dict[str, Any] = {}
+        for key, default in _OUTPUT_FLAG_DEFAULTS.items():
+            value = kwargs.pop(key, default)
+            setattr(self, key, default if value is None else bool(value))
         for key, value in kwargs.items():
             if key in ("model_type", "transformers_version", "architectures", "_name_or_path"):
                 continue
@@ -37,6 +70,7 @@ class _ConfigBase:
 
     def to_dict(self) -> dict[str, Any]:
         out = {**copy.deepcopy(self.extra), **{name: copy.deepcopy(getattr(self, name)) for name in self._fields}}
+        out.update({name: getattr(self, name) for name in _OUTPUT_FLAG_DEFAULTS})
         out["model_type"] = self.model_type
         return out
 
@@ -70,6 +104,7 @@ class _ConfigBase:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any):
+        check_local_folder(directory)
         config = cls.from_json_file(os.path.join(directory, CONFIG_NAME))
         for key, value in overrides.items():
             setattr(config, key, value)
@@ -134,8 +169,9 @@ class AlignTextConfig(_ConfigBase):
         if hidden_size % num_attention_heads != 0:
             raise ValueError(f"hidden_size ({hidden_size}) is not a multiple of num_attention_heads "
                              f"({num_attention_heads})")
-        if position_embedding_type != "absolute":
-            raise ValueError(f"position_embedding_type {position_embedding_type!r} is not supported; use 'absolute'")
+        if position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(f"position_embedding_type must be one of {list(POSITION_EMBEDDING_TYPES)}, "
+                             f"got {position_embedding_type!r}")
 
     @classmethod
     def _from_file_dict(cls, data: dict[str, Any], where: str):

@@ -72,18 +72,25 @@ class AlignModel(nn.Module):
                           head_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                           output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                           return_dict: bool | None = None) -> torch.Tensor:
-        """(B, L) -> (B, P): projection of the [CLS] state (not normalized)."""
+        """(B, L) -> (B, P): projection of the [CLS] state (not normalized). ``head_mask``/``output_attentions``
+        change the text tower's computation as in ``AlignTextModel``; only the features are returned."""
         text_outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask,
                                        token_type_ids=token_type_ids, position_ids=position_ids,
                                        head_mask=head_mask, inputs_embeds=inputs_embeds,
-                                       output_attentions=output_attentions)
+                                       output_attentions=self._flag("output_attentions", output_attentions),
+                                       output_hidden_states=self._flag("output_hidden_states", output_hidden_states),
+                                       return_dict=True)
         return self.text_projection(text_outputs.last_hidden_state[:, 0, :])
 
     def get_image_features(self, pixel_values: torch.Tensor | None = None,
                            output_hidden_states: bool | None = None,
                            return_dict: bool | None = None) -> torch.Tensor:
         """(B, 3, H, W) -> (B, P): pooled vision output (not normalized)."""
-        return self.vision_model(pixel_values=pixel_values).pooler_output
+        return self.vision_model(pixel_values=pixel_values, output_hidden_states=False, return_dict=True).pooler_output
+
+    def _flag(self, name: str, value: bool | None) -> bool:
+        """A forward argument, or the AlignConfig's value of the same name when it is None (HF's rule)."""
+        return bool(getattr(self.config, name)) if value is None else bool(value)
 
     def forward(
         self,
@@ -99,21 +106,29 @@ class AlignModel(nn.Module):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> AlignOutput | tuple:
-        vision_outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
+        """Shapes in the module docstring. ``output_attentions``/``output_hidden_states``/``return_dict`` fall back
+        to the AlignConfig's values; with ``return_dict=False`` the towers' outputs are tuples too (as in HF)."""
+        output_attentions = self._flag("output_attentions", output_attentions)
+        output_hidden_states = self._flag("output_hidden_states", output_hidden_states)
+        return_dict = self._flag("return_dict", return_dict)
+        vision_outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=output_hidden_states,
+                                           return_dict=True)
         text_outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask,
                                        token_type_ids=token_type_ids, position_ids=position_ids,
                                        head_mask=head_mask, inputs_embeds=inputs_embeds,
                                        output_attentions=output_attentions,
-                                       output_hidden_states=output_hidden_states)
+                                       output_hidden_states=output_hidden_states, return_dict=True)
         image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
         text_embeds = F.normalize(self.text_projection(text_outputs.last_hidden_state[:, 0, :]), dim=-1)
         logits_per_text = text_embeds @ image_embeds.t() / self.temperature
         logits_per_image = logits_per_text.t()
         loss = align_loss(logits_per_text) if return_loss else None
+        if not return_dict:
+            text_outputs, vision_outputs = text_outputs.to_tuple(), vision_outputs.to_tuple()
         out = AlignOutput(loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_text,
                           text_embeds=text_embeds, image_embeds=image_embeds, text_model_output=text_outputs,
                           vision_model_output=vision_outputs)
-        return out if return_dict is not False else out.to_tuple()
+        return out if return_dict else out.to_tuple()
 
     # ---- dual-encoder interface ---------------------------------------------------------------------------------
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,21 @@ class BaseModelOutputWithPooling(ModelOutput):
 
 
 @dataclass
+class BaseModelOutputWithPoolingAndCrossAttentions(ModelOutput):
+    """Text tower (what ``AlignTextModel`` returns, as on the HF page): ``last_hidden_state (B, L, H)``,
+    ``pooler_output (B, H)``, ``hidden_states`` (embeddings + each layer, each ``(B, L, H)``), ``attentions`` (one
+    ``(B, heads, L, L)`` softmax probability tensor per layer). ``past_key_values`` and ``cross_attentions`` are
+    always None: ALIGN's BERT is an encoder without cross-attention or a cache."""
+
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    past_key_values: tuple[tuple[torch.Tensor, ...], ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
 class BaseModelOutputWithPoolingAndNoAttention(ModelOutput):
     """Vision tower: ``last_hidden_state (B, C, h, w)``, ``pooler_output (B, C)``, ``hidden_states`` (stem +
     each block, each ``(B, C_i, h_i, w_i)``)."""
@@ -58,5 +73,5 @@ class AlignOutput(ModelOutput):
     logits_per_text: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
-    text_model_output: BaseModelOutputWithPooling | None = None
-    vision_model_output: BaseModelOutputWithPoolingAndNoAttention | None = None
+    text_model_output: BaseModelOutputWithPoolingAndCrossAttentions | tuple | None = None
+    vision_model_output: BaseModelOutputWithPoolingAndNoAttention | tuple | None = None

@@ -233,6 +233,10 @@ class AlignVisionModel(nn.Module):
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(f"pixel_values must be (batch, {self.config.num_channels}, height, width), "
                              f"got {tuple(pixel_values.shape)}")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if return_dict is None:
+            return_dict = self.config.return_dict
         x = self.embeddings(pixel_values)
         hidden_states = [x] if output_hidden_states else None
         for block in self.encoder.blocks:
@@ -243,7 +247,7 @@ class AlignVisionModel(nn.Module):
         out = BaseModelOutputWithPoolingAndNoAttention(
             last_hidden_state=x, pooler_output=pooled,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None)
-        return out if return_dict is not False else out.to_tuple()
+        return out if return_dict else out.to_tuple()
 
     @classmethod
     def from_pretrained(cls, directory, config: AlignVisionConfig | None = None, **kwargs) -> AlignVisionModel:
