@@ -11,6 +11,7 @@ from mmtrain.models.align.model import AlignModel, align_loss
 from mmtrain.models.align.outputs import (
     AlignOutput,
     BaseModelOutputWithPooling,
+    BaseModelOutputWithPoolingAndCrossAttentions,
     BaseModelOutputWithPoolingAndNoAttention,
 )
 from mmtrain.models.align.processing import AlignProcessor, BertTokenizer, EfficientNetImageProcessor
@@ -27,6 +28,7 @@ __all__ = [
     "AlignVisionConfig",
     "AlignVisionModel",
     "BaseModelOutputWithPooling",
+    "BaseModelOutputWithPoolingAndCrossAttentions",
     "BaseModelOutputWithPoolingAndNoAttention",
     "BertTokenizer",
     "EfficientNetImageProcessor",

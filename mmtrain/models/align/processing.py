@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mmtrain.errors import CheckpointError
+from mmtrain.models.align.configuration import check_local_folder
 
 IMAGENET_STANDARD_MEAN = [0.5, 0.5, 0.5]
 IMAGENET_STANDARD_STD = [0.5, 0.5, 0.5]
@@ -174,6 +175,7 @@ class EfficientNetImageProcessor:
     def from_pretrained(cls, directory: str | os.PathLike) -> EfficientNetImageProcessor:
         """Read the settings that ``save_pretrained`` (ours or HF's, 4.x or 5.x) wrote into ``directory``."""
         directory = os.fspath(directory)
+        check_local_folder(directory)
         settings = _image_processor_settings(directory)
         if settings is None:
             raise CheckpointError(f"{directory}: no {IMAGE_PROCESSOR_NAME} or {PROCESSOR_NAME} with an image processor")
@@ -299,6 +301,7 @@ class BertTokenizer:
         from tokenizers import Tokenizer
 
         directory = os.fspath(directory)
+        check_local_folder(directory)
         settings: dict[str, Any] = {}
         special_path = os.path.join(directory, "special_tokens_map.json")
         if os.path.isfile(special_path):
@@ -431,6 +434,7 @@ class AlignProcessor:
         """Read the image processor's settings (processor_config.json's "image_processor" entry, else
         preprocessor_config.json, else align-base's) and the tokenizer files from a local folder."""
         directory = os.fspath(directory)
+        check_local_folder(directory)
         settings = _image_processor_settings(directory)
         image_processor = None
         if settings is not None:

@@ -304,8 +304,11 @@ def test_align_config_flags_drive_align_model(tmp_path):
 # ---- (14) hub ids ------------------------------------------------------------------------------------------------
 def test_hub_id_gives_one_line_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    from mmtrain.models.align import AlignProcessor, BertTokenizer, EfficientNetImageProcessor
+
     for load in (AlignModel.from_pretrained, AlignTextModel.from_pretrained, AlignVisionModel.from_pretrained,
-                 AlignConfig.from_pretrained):
+                 AlignConfig.from_pretrained, AlignProcessor.from_pretrained, BertTokenizer.from_pretrained,
+                 EfficientNetImageProcessor.from_pretrained):
         with pytest.raises(CheckpointError, match="hub ids are not supported") as info:
             load("kakaobrain/align-base")
         assert "\n" not in str(info.value) and "local folder" in str(info.value)
