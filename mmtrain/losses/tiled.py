@@ -22,6 +22,8 @@ def _block_logits(a: torch.Tensor, b_block: torch.Tensor, scale: torch.Tensor, b
 
 
 class _TiledRowReduce(torch.autograd.Function):
+    # Each loop body works on at most two (N, block) float32 buffers, in place where it can, and drops them before
+    # the next block is computed: the peak is about 2 x N x block x 4 bytes, not one buffer per elementwise step.
     @staticmethod
     def forward(ctx, a, b, scale, bias, kind: str, block: int):  # type: ignore[override]
         n = a.shape[0]
@@ -31,14 +33,17 @@ class _TiledRowReduce(torch.autograd.Function):
             for start in range(0, b.shape[0], block):
                 logits = _block_logits(a, b[start:start + block], scale, bias)
                 new_max = torch.maximum(running_max, logits.amax(dim=1))
-                running_sum = running_sum * torch.exp(running_max - new_max) + \
-                    torch.exp(logits - new_max[:, None]).sum(dim=1)
+                block_sum = logits.sub_(new_max[:, None]).exp_().sum(dim=1)
+                del logits
+                running_sum = running_sum * torch.exp(running_max - new_max) + block_sum
                 running_max = new_max
             out = running_max + torch.log(running_sum)
         elif kind == "softplus":
             out = torch.zeros((n,), dtype=torch.float32, device=a.device)
             for start in range(0, b.shape[0], block):
-                out = out + F.softplus(_block_logits(a, b[start:start + block], scale, bias)).sum(dim=1)
+                logits = _block_logits(a, b[start:start + block], scale, bias)
+                out += F.softplus(logits).sum(dim=1)
+                del logits
         else:
             raise ValueError(f"kind must be 'logsumexp' or 'softplus', got {kind!r}")
         ctx.save_for_backward(a, b, scale, bias if bias is not None else torch.empty(0), out)
@@ -53,21 +58,25 @@ class _TiledRowReduce(torch.autograd.Function):
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
         grad_scale = torch.zeros((), dtype=torch.float32, device=a.device)
         grad_bias = torch.zeros((), dtype=torch.float32, device=a.device)
-        a32, g = a.float(), grad_out.float()
+        a32, g, scale32 = a.float(), grad_out.float()[:, None], scale.float()
         for start in range(0, b.shape[0], ctx.block):
             b_block = b[start:start + ctx.block]
             raw = (a @ b_block.t()).float()  # a_i . b_j
-            logits = raw * scale.float() + (bias.float() if bias is not None else 0.0)
+            d_logits = raw * scale32
+            if bias is not None:
+                d_logits += bias.float()
             if ctx.kind == "logsumexp":
-                weights = torch.exp(logits - out[:, None])  # softmax
+                d_logits.sub_(out[:, None]).exp_()  # softmax weights
             else:
-                weights = torch.sigmoid(logits)  # d softplus
-            d_logits = weights * g[:, None]  # (N, block)
-            grad_bias = grad_bias + d_logits.sum()
-            grad_scale = grad_scale + (d_logits * raw).sum()
-            d_raw = d_logits * scale.float()
-            grad_a += d_raw @ b_block.float()
-            grad_b[start:start + ctx.block] = d_raw.t() @ a32
+                d_logits.sigmoid_()  # d softplus / d logit
+            d_logits.mul_(g)
+            grad_bias += d_logits.sum()
+            grad_scale += raw.mul_(d_logits).sum()  # raw is not needed after this
+            del raw
+            d_raw = d_logits.mul_(scale32)
+            grad_a.addmm_(d_raw, b_block.float())
+            torch.mm(d_raw.t(), a32, out=grad_b[start:start + ctx.block])
+            del d_logits, d_raw
         return (grad_a.to(a.dtype), grad_b.to(b.dtype), grad_scale.to(scale.dtype),
                 grad_bias.to(bias.dtype) if bias is not None else None, None, None)
 

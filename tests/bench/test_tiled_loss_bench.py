@@ -68,3 +68,22 @@ def test_live_storage_tracker_counts_peak_and_frees():
         del z, view
     assert tracker.peak == 2 * nbytes and tracker.current == nbytes
     assert w.shape == (100, 100)
+
+
+@pytest.mark.parametrize("loss_cls", ["AlignLoss", "ClipLoss", "SigLipLoss"])
+def test_tiled_loss_peak_is_about_two_blocks_of_logits(loss_cls):
+    import mmtrain.losses
+
+    n, dim, block = 2048, 32, 128
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(n, dim), dim=-1).requires_grad_()
+    text = torch.nn.functional.normalize(torch.randn(n, dim), dim=-1).requires_grad_()
+    scale = torch.tensor(10.0, requires_grad=True)
+    loss_fn = getattr(mmtrain.losses, loss_cls)(tiled=True, block_size=block, gather=False)
+    with tiled_loss._LiveStorageTracker() as tracker:
+        loss_fn(image, text, scale).backward()
+    block_bytes = n * block * 4
+    embedding_bytes = n * dim * 4
+    # two live (N, block) float32 buffers per tile step, plus gradient-sized buffers of the embeddings;
+    # the loop before in-place updates and explicit frees held seven blocks
+    assert tracker.peak <= 2 * block_bytes + 8 * embedding_bytes, tracker.peak / block_bytes
