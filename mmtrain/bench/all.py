@@ -44,7 +44,7 @@ from typing import Any
 
 from mmtrain.errors import UserError
 
-__all__ = ["BENCHMARKS", "build_summary", "format_markdown", "main", "run_benchmark"]
+__all__ = ["BENCHMARKS", "build_summary", "classify", "format_markdown", "main", "run_benchmark"]
 
 BENCHMARKS = ("align", "attention", "contrastive", "data", "tiled_loss", "vision_encoder")
 OPTIONAL_BENCHMARKS = ("scaling",)  # needs 2+ GPUs: only with --with-scaling or named in --only
@@ -162,6 +162,18 @@ def _json_lines(lines: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def classify(timed_out: bool, returncode: int | None, stderr: list[str]) -> tuple[str, bool]:
+    """(status, crashed) of a finished benchmark process. Crashed: a Python traceback was printed, or a signal
+    ended it (segfault, out-of-memory kill) other than our own time limit. A non-zero exit without either (a
+    UserError's one line, argparse's usage error, a benchmark reporting a failed check) is "failed" only."""
+    if timed_out:
+        return "timeout", False
+    if returncode == 0:
+        return "ok", False
+    traceback_printed = any(line.startswith("Traceback (most recent call last)") for line in stderr)
+    return "failed", traceback_printed or (returncode is not None and returncode < 0)
+
+
 def run_benchmark(name: str, out_dir: Path, extra: list[str], timeout_s: float, echo: bool = True
                   ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Run one benchmark in a subprocess; returns (run record, its JSON report or None).
@@ -201,14 +213,10 @@ def run_benchmark(name: str, out_dir: Path, extra: list[str], timeout_s: float, 
             pump.join(timeout=10.0)  # a grandchild outside the group may hold the pipe; do not wait on it forever
     seconds = time.monotonic() - start
     code = proc.returncode
-    traceback_printed = any(line.startswith("Traceback (most recent call last)") for line in stderr)
-    if timed_out:
-        status = "timeout"
-    else:
-        status = "ok" if code == 0 else "failed"
+    status, python_error = classify(timed_out, code, stderr)
     record: dict[str, Any] = {
         "name": name, "command": shlex.join(command), "status": status, "returncode": code,
-        "seconds": round(seconds, 2), "python_error": not timed_out and (traceback_printed or (code or 0) < 0),
+        "seconds": round(seconds, 2), "python_error": python_error,
         "stderr_tail": [line for line in stderr if line.strip()][-STDERR_TAIL_LINES:],
     }
     if timed_out:
