@@ -31,6 +31,7 @@ from torch import nn
 from mmtrain.config import instantiate
 from mmtrain.data.loader import build_contrastive_loader
 from mmtrain.errors import ConfigError
+from mmtrain.modules.attention.sdpa_backend import SDPA_BACKENDS, sdpa_backend, sdpa_backend_order
 from mmtrain.training import distributed as D
 from mmtrain.training.checkpoint import CheckpointManager, export_model
 from mmtrain.training.metrics import MetricLogger
@@ -98,6 +99,8 @@ class ContrastiveRecipe:
         if precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision: expected auto, bf16 or fp32, got {precision!r}")
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self.sdpa = str(cfg.get("sdpa_backend", "auto"))
+        sdpa_backend_order(self.sdpa)  # an unknown kernel name is a one-line ConfigError before anything is built
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)  # bit-exact resume on CPU
         cpu_threads = cfg.get("cpu_threads", None)
@@ -215,10 +218,15 @@ class ContrastiveRecipe:
         return factory([g for g in groups if g["params"]], **kwargs)
 
     # ------------------------------------------------------------------------------------------------- train
+    @contextlib.contextmanager
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        """bf16 autocast (when on) and the SDPA kernel preference, around every forward (and its compilation)."""
+        with sdpa_backend(self.sdpa):
+            if self.autocast_dtype is None:
+                yield
+            else:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                    yield
 
     def _batches(self):
         """Endless micro-batches; a new iterator starts the next epoch (the loader advanced its sampler)."""
@@ -444,6 +452,8 @@ def validate(cfg: DictConfig, report) -> None:
         report.error("nonfinite.policy", f"must be stop or skip, got {policy!r}")
     if str(cfg.get("precision", "auto")) not in ("auto", "bf16", "fp32"):
         report.error("precision", f"must be auto, bf16 or fp32, got {cfg.get('precision')!r}")
+    if str(cfg.get("sdpa_backend", "auto")) not in ("auto", *SDPA_BACKENDS):
+        report.error("sdpa_backend", f"must be auto or one of {', '.join(SDPA_BACKENDS)}, got {cfg.get('sdpa_backend')!r}")
     if cfg.get("normalize_on_device", "auto") not in ("auto", True, False):
         report.error("normalize_on_device", f"must be auto, true or false, got {cfg.get('normalize_on_device')!r}")
     strategy = OmegaConf.select(cfg, "distributed.strategy")

@@ -5,7 +5,8 @@ answers, ``encoder_input.images`` (b, i, t, 3, H, W), ``encoder_mask`` (b, s, i*
 next-token cross-entropy on answer tokens only. Evaluation decodes greedy answers for the validation split
 (KV caches, encoder run once per prompt) and logs ``val/answer_acc`` (exact match) to metrics.jsonl.
 
-Config keys: output_dir, seed, max_steps, resume, batch_size, precision (fp32|bf16), compile (none|regional|whole),
+Config keys: output_dir, seed, max_steps, resume, batch_size, precision (fp32|bf16), sdpa_backend
+(auto|cudnn|flash|efficient|math), compile (none|regional|whole),
 activation_checkpointing, distributed.{strategy,world_size}, checkpoint.{every_n_steps,keep}, eval.{every_n_steps,
 batch_size,max_new_tokens,max_samples}, log.{every_n_steps,wandb,progress_bar}, tokenizer, dataset, model,
 optimizer, lr_scheduler.
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmtrain.config import instantiate
 from mmtrain.errors import ConfigError
+from mmtrain.modules.attention.sdpa_backend import SDPA_BACKENDS, sdpa_backend, sdpa_backend_order
 
 IGNORE = -100
 
@@ -59,6 +61,8 @@ def validate(cfg: DictConfig, report: Any) -> None:
         return
     if precision not in ("fp32", "bf16"):
         report.error("precision", f"expected fp32 or bf16, got {precision!r}")
+    if str(cfg.get("sdpa_backend", "auto")) not in ("auto", *SDPA_BACKENDS):
+        report.error("sdpa_backend", f"must be auto or one of {', '.join(SDPA_BACKENDS)}, got {cfg.get('sdpa_backend')!r}")
     batch = int(cfg.get("batch_size", 1))
     if batch % world:
         report.error("batch_size", f"global batch {batch} is not divisible by the world size {world}")
@@ -193,6 +197,7 @@ def main(cfg: DictConfig) -> dict:
     precision = str(cfg.get("precision", "fp32"))
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision: expected fp32 or bf16, got {precision!r}")
+    sdpa_backend_order(str(cfg.get("sdpa_backend", "auto")))  # an unknown kernel name: one line, before building
     strategy = str(OmegaConf.select(cfg, "distributed.strategy") or "none")
     split = split_global_batch(int(cfg.batch_size), world, OmegaConf.select(cfg, "micro_batch_size"))
 
@@ -218,7 +223,17 @@ def main(cfg: DictConfig) -> dict:
                        find_unused_parameters=False)
     inner = unwrap_model(model)
     use_autocast = precision == "bf16" and not (strategy == "fsdp" and world > 1)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
+    sdpa = str(cfg.get("sdpa_backend", "auto"))
+
+    @contextlib.contextmanager
+    def autocast():
+        """bf16 autocast where it applies, and the SDPA kernel preference, around each forward."""
+        with sdpa_backend(sdpa):
+            if use_autocast:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    yield
+            else:
+                yield
     compute_dtype = torch.bfloat16 if precision == "bf16" and strategy == "fsdp" and world > 1 else None
 
     params = [p for p in model.parameters() if p.requires_grad]

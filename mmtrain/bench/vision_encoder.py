@@ -5,7 +5,11 @@ tile and ``images * tiles * 1601`` tokens per sequence. Reports tiles/s (median 
 warm-up), counted TFLOP/s (torch.utils.flop_counter over one real step), MFU against the measured bf16 matmul peak,
 and peak memory; torchtune's ``llama3_2_vision_encoder`` runs in the same process when ``import torchtune`` works.
 
-    mmtrain bench vision_encoder [--steps 10] [--no-compile] [--ac] [--out bench_results/vision_encoder.json]
+    mmtrain bench vision_encoder [--steps 10] [--no-compile] [--ac] [--sdpa-backends auto,cudnn]
+                                 [--out bench_results/vision_encoder.json]
+
+Each mmtrain variant runs once per ``--sdpa-backends`` entry (named ``... [cudnn]`` for a preference other than
+torch's own order), to measure cuDNN's attention against flash attention on the ~6400-token sequences.
     mmtrain bench vision_encoder --smoke      # tiny CPU run (tests use it)
 """
 
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from mmtrain.models.llama3_2_vision._component_builders import llama3_2_vision_encoder
+from mmtrain.modules.attention.sdpa_backend import sdpa_backend, sdpa_backend_order
 
 ELEVEN_B = dict(patch_size=14, num_heads=16, clip_embed_dim=1280, clip_num_layers=32,
                 clip_hidden_states=[3, 7, 15, 23, 30], num_layers_projection=8, decoder_embed_dim=4096,
@@ -46,6 +51,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-eager", action="store_true", help="skip the eager mmtrain variant")
     p.add_argument("--ac", action="store_true", help="also run mmtrain compiled with per-layer activation checkpointing")
     p.add_argument("--no-torchtune", action="store_true", help="do not run torchtune even if importable")
+    p.add_argument("--sdpa-backends", default="auto,cudnn",
+                   help="comma list: the mmtrain variants run once per SDPA kernel preference (auto = torch's order; "
+                        "cudnn/flash/efficient/math first)")
     return p.parse_args(argv)
 
 
@@ -74,7 +82,17 @@ def _checkpoint_layers(model: nn.Module) -> None:
 
 
 def _run_variant(name: str, build: Callable[[], nn.Module], args: argparse.Namespace, cfg: dict[str, Any],
-                 device: torch.device, dtype: torch.dtype, compile_layers: bool, ac: bool) -> dict[str, Any]:
+                 device: torch.device, dtype: torch.dtype, compile_layers: bool, ac: bool,
+                 sdpa: str = "auto") -> dict[str, Any]:
+    # compile included: a compiled graph keeps the attention kernel chosen while it was traced
+    with sdpa_backend(sdpa):
+        result = _measure_variant(name, build, args, cfg, device, dtype, compile_layers, ac)
+    result["sdpa_backend"] = sdpa
+    return result
+
+
+def _measure_variant(name: str, build: Callable[[], nn.Module], args: argparse.Namespace, cfg: dict[str, Any],
+                     device: torch.device, dtype: torch.dtype, compile_layers: bool, ac: bool) -> dict[str, Any]:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -169,14 +187,20 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[dict[str, Any]] = []
     ours = lambda: llama3_2_vision_encoder(**cfg)
-    if not args.no_eager:
-        results.append(_run_variant("mmtrain eager", ours, args, cfg, device, dtype, compile_layers=False, ac=False))
-    if not args.no_compile:
-        results.append(_run_variant("mmtrain compiled", ours, args, cfg, device, dtype, compile_layers=True,
-                                    ac=False))
-    if args.ac:
-        results.append(_run_variant("mmtrain compiled+ac", ours, args, cfg, device, dtype,
-                                    compile_layers=not args.no_compile, ac=True))
+    backends = [name.strip() for name in args.sdpa_backends.split(",") if name.strip()] or ["auto"]
+    for backend in backends:
+        sdpa_backend_order(backend)  # an unknown name fails here, before any variant runs
+    for backend in backends:
+        tag = "" if backend == "auto" else f" [{backend}]"
+        if not args.no_eager:
+            results.append(_run_variant(f"mmtrain eager{tag}", ours, args, cfg, device, dtype, compile_layers=False,
+                                        ac=False, sdpa=backend))
+        if not args.no_compile:
+            results.append(_run_variant(f"mmtrain compiled{tag}", ours, args, cfg, device, dtype,
+                                        compile_layers=True, ac=False, sdpa=backend))
+        if args.ac:
+            results.append(_run_variant(f"mmtrain compiled+ac{tag}", ours, args, cfg, device, dtype,
+                                        compile_layers=not args.no_compile, ac=True, sdpa=backend))
     torchtune_version = None
     if not args.no_torchtune:
         builder = _torchtune_builder(cfg)

@@ -156,3 +156,16 @@ def test_normalize_on_device_trains_like_worker_normalization(tmp_path):
     assert math.isclose(summaries[True]["val/zero_shot_acc"], summaries[False]["val/zero_shot_acc"])
     with pytest.raises(Exception, match="normalize_on_device"):
         recipe.main(tiny_cfg(tmp_path / "bad", normalize_on_device="sometimes"))
+
+
+def test_sdpa_backend_preference_trains_the_same_on_cpu(tmp_path):
+    recipe = _recipe()
+    losses = {}
+    for name in ("auto", "cudnn"):
+        recipe.main(tiny_cfg(tmp_path / name, max_steps=3, sdpa_backend=name, **{"checkpoint.every_n_steps": 0}))
+        losses[name] = _losses(tmp_path / name)
+    assert losses["auto"] == losses["cudnn"]  # CPU has no cuDNN attention: the same kernel runs behind it
+    from mmtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sdpa_backend: unknown 'fast'"):
+        recipe.main(tiny_cfg(tmp_path / "bad", sdpa_backend="fast"))

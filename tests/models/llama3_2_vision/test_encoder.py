@@ -80,5 +80,9 @@ def test_bench_smoke(tmp_path):
     assert main(["--smoke", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["smoke"] is True
-    (result,) = report["results"]
-    assert result["name"] == "mmtrain eager" and result["tiles_per_s"] > 0 and result["flops_per_step"] > 0
+    assert [r["name"] for r in report["results"]] == ["mmtrain eager", "mmtrain eager [cudnn]"]
+    for result in report["results"]:
+        assert result["tiles_per_s"] > 0 and result["flops_per_step"] > 0
+    assert [r["sdpa_backend"] for r in report["results"]] == ["auto", "cudnn"]
+    # both kernels preferences compute the same thing: CPU falls back past cuDNN
+    assert report["results"][0]["flops_per_step"] == report["results"][1]["flops_per_step"]
