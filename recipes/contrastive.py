@@ -251,6 +251,26 @@ class ContrastiveRecipe:
         (loss * scale).backward()
         return loss.detach().float()
 
+    def _device_skip(self) -> bool:
+        """Whether a non-finite step is skipped on the device (fused AdamW's ``found_inf``), so the loss and gradient
+        norm reach the host only at log, eval and checkpoint steps instead of with a sync after every step.
+
+        ``host_sync``: ``step`` (check each step on the host), ``log`` (device skip; needs an optimizer whose step
+        takes ``found_inf``, e.g. ``optimizer.fused=true``), ``auto`` (``log`` on CUDA where the optimizer supports
+        it and parameters are not FSDP-sharded, else ``step``).
+        """
+        mode = str(self.cfg.get("host_sync", "auto"))
+        supported = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+        if mode == "step":
+            return False
+        if mode == "log":
+            if not supported:
+                raise ConfigError(f"host_sync=log: {type(self.optimizer).__name__} cannot skip a step on the device; "
+                                  "use a fused optimizer (optimizer.fused=true) or host_sync=step")
+            return True
+        strategy = str(OmegaConf.select(self.cfg, "distributed.strategy") or "ddp")
+        return supported and self.device.type == "cuda" and strategy != "fsdp"
+
     def train(self) -> None:
         cfg = self.cfg
         eval_every = (cfg.get("eval", {}) or {}).get("every_n_steps", None)
@@ -259,8 +279,26 @@ class ContrastiveRecipe:
         accumulation = self.split.accumulation_steps
         params = [p for p in self.task.parameters() if p.requires_grad]
         batches = self._batches()
+        device_skip = self._device_skip()
         window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
         skipped_images = 0
+        grad_norm_value = float("nan")
+        # (step, loss, grad norm) of steps whose values are still on the device (device_skip only)
+        pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+        def settle(step: int, loss_value: float, grad_value: float) -> bool:
+            """Apply the non-finite policy to a step's host values (may raise); True when the step counts."""
+            nonlocal window_loss, window_steps, grad_norm_value
+            grad_norm_value = grad_value
+            if self.guard.check(step, loss_value, grad_value):
+                window_loss += loss_value
+                window_steps += 1
+                self.last_loss = loss_value
+                return True
+            self.logger.print(f"step {step}: non-finite loss {loss_value} / grad norm {grad_value}; "
+                              f"step skipped ({self.guard.skipped} so far, policy {self.guard.policy})")
+            return False
+
         if self.step >= self.max_steps:
             self.logger.print(f"step {self.step} >= max_steps {self.max_steps}: nothing left to train "
                               "(resume=none starts over)")
@@ -283,22 +321,30 @@ class ContrastiveRecipe:
                                                        foreach=self.device.type == "cuda")
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
-            step_loss = D.all_reduce_mean(loss_sum / accumulation).item()
-            grad_norm_value = float(grad_norm)
-            if self.guard.check(step, step_loss, grad_norm_value):
+            step_loss = D.all_reduce_mean(loss_sum / accumulation)
+            if device_skip:
+                # fused AdamW leaves weights, moments and its step count untouched where found_inf is 1
+                finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+                self.optimizer.grad_scale = None
+                self.optimizer.found_inf = (~finite).to(torch.float32)
                 self.optimizer.step()
-                window_loss += step_loss
-                window_steps += 1
-                self.last_loss = step_loss
-            else:
-                self.logger.print(f"step {step}: non-finite loss {step_loss} / grad norm {grad_norm_value}; "
-                                  f"step skipped ({self.guard.skipped} so far, policy {self.guard.policy})")
+                pending.append((step, step_loss, grad_norm.detach()))
+            elif settle(step, step_loss.item(), float(grad_norm)):
+                self.optimizer.step()
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
             self.step = step
             D.maybe_inject_fault(step)
 
-            if step % self.log_every == 0 or step == self.max_steps:
+            log_now = step % self.log_every == 0 or step == self.max_steps
+            eval_now = bool(eval_every) and step % int(eval_every) == 0 and step != self.max_steps
+            ckpt_now = bool(ckpt_every) and (step % int(ckpt_every) == 0 or step == self.max_steps)
+            if pending and (log_now or eval_now or ckpt_now):
+                values = torch.stack([torch.stack([lo.float(), gn.float()]) for _, lo, gn in pending]).tolist()  # 1 sync
+                for (pending_step, _, _), (loss_value, grad_value) in zip(pending, values):
+                    settle(pending_step, loss_value, grad_value)
+                pending.clear()
+            if log_now:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 seconds_per_step = elapsed / max(1, window_steps or self.log_every)
                 metrics = {
@@ -306,8 +352,8 @@ class ContrastiveRecipe:
                     "lr": lr,
                     "samples_per_s": window_samples * self.dist.world_size / elapsed,
                     "grad_norm": grad_norm_value,
-                    "skipped_images": D.all_reduce_mean(torch.tensor(float(skipped_images))).item()
-                    * self.dist.world_size,
+                    "skipped_images": D.all_reduce_mean(
+                        torch.tensor(float(skipped_images), device=self.device)).item() * self.dist.world_size,
                     "nonfinite_steps": self.guard.skipped,
                 }
                 if self.device.type == "cuda":
@@ -315,11 +361,12 @@ class ContrastiveRecipe:
                     metrics["mfu"] = mfu(self.flops_per_step, seconds_per_step, self.peak_flops)
                 self.logger.log(step, metrics)
                 window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
-            self.logger.advance(1, loss=step_loss)
-            if eval_every and step % int(eval_every) == 0 and step != self.max_steps:
+            known = not pending and self.last_loss is not None
+            self.logger.advance(1, **({"loss": self.last_loss} if known else {}))
+            if eval_now:
                 self.evaluate()
             # No checkpoint of a non-finite step (nonfinite.py's promise): the last good one stays the newest.
-            if ckpt_every and (step % int(ckpt_every) == 0 or step == self.max_steps) and not self.guard.consecutive:
+            if ckpt_now and not self.guard.consecutive:
                 self.save_checkpoint()
 
     # ------------------------------------------------------------------------------------------------- eval
@@ -454,6 +501,8 @@ def validate(cfg: DictConfig, report) -> None:
         report.error("precision", f"must be auto, bf16 or fp32, got {cfg.get('precision')!r}")
     if str(cfg.get("sdpa_backend", "auto")) not in ("auto", *SDPA_BACKENDS):
         report.error("sdpa_backend", f"must be auto or one of {', '.join(SDPA_BACKENDS)}, got {cfg.get('sdpa_backend')!r}")
+    if str(cfg.get("host_sync", "auto")) not in ("auto", "step", "log"):
+        report.error("host_sync", f"must be auto, step or log, got {cfg.get('host_sync')!r}")
     if cfg.get("normalize_on_device", "auto") not in ("auto", True, False):
         report.error("normalize_on_device", f"must be auto, true or false, got {cfg.get('normalize_on_device')!r}")
     strategy = OmegaConf.select(cfg, "distributed.strategy")

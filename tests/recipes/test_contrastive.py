@@ -169,3 +169,54 @@ def test_sdpa_backend_preference_trains_the_same_on_cpu(tmp_path):
 
     with pytest.raises(ConfigError, match="sdpa_backend: unknown 'fast'"):
         recipe.main(tiny_cfg(tmp_path / "bad", sdpa_backend="fast"))
+
+
+def _fused(tmp_path, name, host_sync, **overrides):
+    return tiny_cfg(tmp_path / name, host_sync=host_sync, **{"optimizer.fused": True, "log.every_n_steps": 3,
+                                                            "checkpoint.every_n_steps": 100, **overrides})
+
+
+def test_host_sync_log_trains_exactly_like_per_step_checks(tmp_path):
+    recipe = _recipe()
+    runs = {mode: recipe.main(_fused(tmp_path, mode, mode, max_steps=6)) for mode in ("step", "log")}
+    def logged(mode):
+        keys = ("step", "loss", "grad_norm", "lr", "nonfinite_steps")
+        return [{k: e[k] for k in keys} for e in _events(tmp_path / mode) if "loss" in e]
+
+    assert [e["step"] for e in logged("log")] == [3, 6]
+    assert logged("log") == logged("step")  # the same numbers, read at log steps instead of every step
+    assert runs["step"]["final_loss"] == runs["log"]["final_loss"]
+
+
+def test_host_sync_log_skips_nonfinite_steps_on_the_device(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    recipe = _recipe()
+    _nan_after(recipe, monkeypatch, first_bad_call=5)  # steps 5 and 6 are NaN
+    summaries, weights = {}, {}
+    for mode in ("step", "log"):
+        summaries[mode] = recipe.main(_fused(tmp_path, mode, mode, **{"nonfinite.policy": "skip"}))
+        weights[mode] = load_file(str(tmp_path / mode / "model" / "model.safetensors"))
+        monkeypatch.undo()
+        _nan_after(recipe, monkeypatch, first_bad_call=5)
+    assert summaries["log"]["nonfinite_steps"] == summaries["step"]["nonfinite_steps"] == 2
+    assert summaries["log"]["final_loss"] == summaries["step"]["final_loss"]
+    for key, value in weights["step"].items():  # found_inf left weights and moments exactly as a host skip does
+        assert torch.equal(weights["log"][key], value), key
+
+
+def test_host_sync_log_stop_policy_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    recipe = _recipe()
+    _nan_after(recipe, monkeypatch, first_bad_call=4)
+    cfg = _fused(tmp_path, "log", "log", max_steps=10, **{"nonfinite.max_consecutive": 2, "eval.every_n_steps": 100,
+                                                         "checkpoint.every_n_steps": 3})
+    with pytest.raises(NonFiniteLossError, match="step 5: non-finite loss"):
+        recipe.main(cfg)
+    assert [p.name for p in (tmp_path / "log" / "checkpoints").iterdir()] == ["step_00000003"]
+
+
+def test_host_sync_log_needs_an_optimizer_that_skips_on_the_device(tmp_path):
+    from mmtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="host_sync=log: AdamW cannot skip"):
+        _recipe().main(tiny_cfg(tmp_path, host_sync="log", **{"optimizer.fused": False}))
