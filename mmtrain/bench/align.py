@@ -16,7 +16,6 @@ import gc
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from mmtrain.bench._report import print_and_write, ratio_to
+from mmtrain.bench._timing import time_steps
 from mmtrain.losses import AlignLoss
 from mmtrain.models.align import AlignConfig, AlignModel
 
@@ -115,22 +115,7 @@ def _run_variant(name: str, build: Callable[[], tuple[nn.Module, Callable]], arg
         return loss
 
     try:
-        for _ in range(args.warmup):
-            one_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            for _ in range(args.steps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                one_step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1000)
-        else:
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                one_step()
-                times.append(time.perf_counter() - t0)
+        times = time_steps(one_step, warmup=args.warmup, steps=args.steps, device=device)
     except torch.cuda.OutOfMemoryError:
         return {"name": name, "error": "out of memory"}
     step_s = statistics.median(times)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from mmtrain.bench._report import print_and_write, ratio_to
+from mmtrain.bench._timing import time_steps
 
 __all__ = ["main"]
 
@@ -73,28 +74,6 @@ def _batch(args: argparse.Namespace, vocab: int, device: torch.device) -> dict[s
     return {"pixel_values": pixels.to(device), "input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def _time_steps(one_step: Callable[[], Any], args: argparse.Namespace, device: torch.device) -> list[float]:
-    for _ in range(args.warmup):
-        one_step()
-    times: list[float] = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(args.steps)]
-        for start, end in events:  # no host sync inside the timed loop; read the events afterwards
-            start.record()
-            one_step()
-            end.record()
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) / 1000 for start, end in events]
-    else:
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            one_step()
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def _run_variant(name: str, build: Callable[[], tuple[nn.Module, Callable[[dict], torch.Tensor]]],
                  args: argparse.Namespace, device: torch.device, vocab: int) -> dict[str, Any]:
     gc.collect()
@@ -115,7 +94,7 @@ def _run_variant(name: str, build: Callable[[], tuple[nn.Module, Callable[[dict]
             optimizer.zero_grad(set_to_none=True)
             return loss
 
-        times = _time_steps(one_step, args, device)
+        times = time_steps(one_step, warmup=args.warmup, steps=args.steps, device=device)
     except torch.cuda.OutOfMemoryError:
         return {"name": name, "error": "out of memory"}
     step_s = statistics.median(times)

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from mmtrain.bench._timing import time_steps
 from mmtrain.errors import UserError
 from mmtrain.losses import AlignLoss, ClipLoss, SigLipLoss
 
@@ -163,20 +163,7 @@ def _measure(name: str, loss_name: str, tiled: bool, block: int, dtype_name: str
             peak = tracker.peak
         result["loss_value"] = value.item()
         result["peak_beyond_embeddings_gib"] = (peak - grad_bytes) / GIB
-        times = []
-        for _ in range(args.steps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1000)
-            else:
-                t0 = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - t0)
-        result["step_s"] = statistics.median(times)
+        result["step_s"] = statistics.median(time_steps(step, warmup=0, steps=args.steps, device=device))
     except torch.cuda.OutOfMemoryError:
         result["error"] = "out of memory"
     finally:

@@ -21,13 +21,13 @@ import json
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from mmtrain.bench._timing import time_steps
 from mmtrain.models.llama3_2_vision._component_builders import llama3_2_vision_encoder
 from mmtrain.modules.attention.sdpa_backend import sdpa_backend, sdpa_backend_order
 
@@ -128,24 +128,11 @@ def _measure_variant(name: str, build: Callable[[], nn.Module], args: argparse.N
 
     for _ in range(args.warmup):
         step()
-    times: list[float] = []
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(args.steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        peak = None
+        torch.cuda.reset_peak_memory_stats()  # the timed steps' peak, not the compile's
+    times = time_steps(step, warmup=0, steps=args.steps, device=device)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     seconds = statistics.median(times)
     n_tiles = args.batch * args.images * args.tiles
     result: dict[str, Any] = {
