@@ -1,4 +1,4 @@
-"""Step timing shared by the benchmarks: warm-up, then per-step seconds.
+"""What the step benchmarks share: their common command-line options, and step timing (warm-up, then seconds).
 
 CUDA: one pair of events around each step, recorded back to back with no host sync inside the timed loop (the
 steps queue as they would in training), read after one final synchronize. CPU: ``perf_counter`` per step.
@@ -6,6 +6,7 @@ steps queue as they would in training), read after one final synchronize. CPU: `
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,3 +33,17 @@ def time_steps(one_step: Callable[[], Any], *, warmup: int, steps: int, device: 
         end.record()
     torch.cuda.synchronize(device)
     return [start.elapsed_time(end) / 1000 for start, end in events]
+
+
+def step_bench_parser(name: str, doc: str | None, *, batch: int, smoke_help: str,
+                      compile_help: str) -> argparse.ArgumentParser:
+    """``mmtrain bench NAME``'s parser with the options every step benchmark has: --smoke, --out, --batch,
+    --steps, --warmup, --no-compile. The benchmark adds its own."""
+    p = argparse.ArgumentParser(prog=f"mmtrain bench {name}", description=(doc or "").splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--out", default=f"bench_results/{name}.json", help="JSON results file")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true", help=compile_help)
+    return p

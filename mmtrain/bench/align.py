@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mmtrain.bench._report import print_and_write, ratio_to
-from mmtrain.bench._timing import time_steps
+from mmtrain.bench._timing import step_bench_parser, time_steps
 from mmtrain.losses import AlignLoss
 from mmtrain.models.align import AlignConfig, AlignModel
 
@@ -38,15 +38,10 @@ SMOKE_CONFIG = dict(
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mmtrain bench align", description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny config on CPU, 2 steps (for tests)")
-    p.add_argument("--out", default="bench_results/align.json", help="JSON results file")
-    p.add_argument("--batch", type=int, default=64)
+    p = step_bench_parser("align", __doc__, batch=64, smoke_help="tiny config on CPU, 2 steps (for tests)",
+                          compile_help="skip the compiled mmtrain variant")
     p.add_argument("--image-size", type=int, default=289)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true", help="skip the compiled mmtrain variant")
     p.add_argument("--no-hf", action="store_true", help="do not run transformers' AlignModel even if importable")
     return p.parse_args(argv)
 

@@ -33,21 +33,17 @@ import torch
 from torch import nn
 
 from mmtrain.bench._report import print_and_write, ratio_to
-from mmtrain.bench._timing import time_steps
+from mmtrain.bench._timing import step_bench_parser, time_steps
 
 __all__ = ["main"]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mmtrain bench contrastive", description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny CLIP on CPU, 2 steps, tiny end-to-end run (tests)")
-    p.add_argument("--out", default="bench_results/contrastive.json", help="JSON results file")
-    p.add_argument("--batch", type=int, default=256)
+    p = step_bench_parser("contrastive", __doc__, batch=256,
+                          smoke_help="tiny CLIP on CPU, 2 steps, tiny end-to-end run (tests)",
+                          compile_help="skip the compiled variant")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--seq-len", type=int, default=77)
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
     p.add_argument("--no-open-clip", action="store_true", help="skip open_clip even if importable")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end recipe run")
     p.add_argument("--data", default=None, help="image folder for the end-to-end run (default: generated JPEGs)")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmtrain.bench._timing import time_steps
+from mmtrain.bench._timing import step_bench_parser, time_steps
 from mmtrain.models.llama3_2_vision._component_builders import llama3_2_vision_encoder
 from mmtrain.modules.attention.sdpa_backend import sdpa_backend, sdpa_backend_order
 
@@ -39,15 +39,10 @@ SMOKE = dict(patch_size=2, num_heads=2, clip_embed_dim=16, clip_num_layers=2, cl
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mmtrain bench vision_encoder", description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny config on CPU, 2 steps (for tests)")
-    p.add_argument("--out", default="bench_results/vision_encoder.json", help="JSON results file")
-    p.add_argument("--batch", type=int, default=1)
+    p = step_bench_parser("vision_encoder", __doc__, batch=1, smoke_help="tiny config on CPU, 2 steps (for tests)",
+                          compile_help="skip the regionally compiled mmtrain variant")
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--tiles", type=int, default=4)
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true", help="skip the regionally compiled mmtrain variant")
     p.add_argument("--no-eager", action="store_true", help="skip the eager mmtrain variant")
     p.add_argument("--ac", action="store_true", help="also run mmtrain compiled with per-layer activation checkpointing")
     p.add_argument("--no-torchtune", action="store_true", help="do not run torchtune even if importable")
