@@ -161,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             hf_error = f"transformers not importable: {err}"
     results = []
     for name, build, channels_last in variants:
-        results.append(_run_variant(name, build, args, device, channels_last))
+        try:
+            results.append(_run_variant(name, build, args, device, channels_last))
+        except Exception as err:  # noqa: BLE001 - one variant failing (a compile error) must not cost the others
+            results.append({"name": name, "error": f"{type(err).__name__}: {err}"[:2000]})
         # One line per variant as it finishes, so a run cut off by a time limit still reports what it measured.
         print(json.dumps(results[-1]), flush=True)
     report = {

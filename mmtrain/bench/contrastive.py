@@ -49,6 +49,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="image folder for the end-to-end run (default: generated JPEGs)")
     p.add_argument("--e2e-steps", type=int, default=30, help="recipe steps in the end-to-end run")
     p.add_argument("--num-workers", type=int, default=8, help="DataLoader workers in the end-to-end run")
+    p.add_argument("--e2e-variant", action="append", default=[], metavar="OVERRIDES",
+                   help="one more end-to-end run with these space-separated recipe overrides, on the same data, "
+                        "to measure one lever, e.g. 'host_sync=step' (repeatable)")
     return p.parse_args(argv)
 
 
@@ -175,15 +178,30 @@ def _load_recipe_main() -> Callable:
     return module.main
 
 
-def _end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def _end_to_end_runs(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """The default recipe run, then one per ``--e2e-variant``, all on one data folder."""
+    with tempfile.TemporaryDirectory(prefix="mmtrain_bench_data_") as tmp:
+        data = Path(args.data) if args.data else Path(tmp) / "data"
+        if not args.data:
+            samples = args.batch * (args.e2e_steps + 1)
+            _write_jpeg_folder(data, samples, max(args.batch // 4, 4), 32 if args.smoke else 256)
+        results = []
+        for extra in [""] + list(args.e2e_variant):
+            name = "recipe_end_to_end" + (f" [{extra}]" if extra else "")
+            try:
+                result = {"name": name, **_end_to_end(args, device, data, extra.split())}
+            except Exception as err:  # noqa: BLE001 - the step figures stay valid when a recipe run fails
+                result = {"name": name, "error": f"{type(err).__name__}: {err}"[:2000]}
+            print(json.dumps(result), flush=True)
+            results.append(result)
+        return results
+
+
+def _end_to_end(args: argparse.Namespace, device: torch.device, data: Path, extra: list[str]) -> dict[str, Any]:
     from mmtrain.config import load
 
     with tempfile.TemporaryDirectory(prefix="mmtrain_bench_e2e_") as tmp:
-        data = Path(args.data) if args.data else Path(tmp) / "data"
         steps = args.e2e_steps
-        if not args.data:
-            samples = args.batch * (steps + 1)
-            _write_jpeg_folder(data, samples, max(args.batch // 4, 4), 32 if args.smoke else 256)
         log_every = max(steps // 3, 1)
         overrides = [
             "dataset=image_folder", f"dataset.path={data}", f"dataset.image_size={args.image_size}",
@@ -199,7 +217,7 @@ def _end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         # Throughput does not depend on the vocabulary: the built-in word-level tokenizer at CLIP's 77-token
         # context avoids needing the MiniLM package on the GPU machine.
         overrides += ["tokenizer=shapes", f"tokenizer.max_length={16 if args.smoke else 77}"]
-        cfg = load("contrastive", "clip_vit_b16", overrides)
+        cfg = load("contrastive", "clip_vit_b16", overrides + extra)
         start = time.perf_counter()
         _load_recipe_main()(cfg)
         wall_s = time.perf_counter() - start
@@ -207,7 +225,7 @@ def _end_to_end(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         windows = [e["samples_per_s"] for e in events if "samples_per_s" in e]
         # The first window holds compilation and loader start-up; report the steady state after it.
         steady = windows[1:] or windows
-        result = {"name": "recipe_end_to_end", "steps": steps, "wall_s": wall_s,
+        result = {"steps": steps, "overrides": extra, "wall_s": wall_s,
                   "samples_per_s": statistics.median(steady) if steady else float("nan"),
                   "data": str(args.data) if args.data else "generated JPEGs"}
         peaks = [e["peak_mem_gib"] for e in events if "peak_mem_gib" in e]
@@ -230,15 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     variants, note = _variants(args)
     results = []
     for name, build in variants:
-        results.append(_run_variant(name, build, args, device, vocab))
+        try:
+            results.append(_run_variant(name, build, args, device, vocab))
+        except Exception as err:  # noqa: BLE001 - one variant failing (a compile error) must not cost the others
+            results.append({"name": name, "error": f"{type(err).__name__}: {err}"[:2000]})
         # One line per variant as it finishes, so a run cut off by a time limit still reports what it measured.
         print(json.dumps(results[-1]), flush=True)
     if not args.no_e2e:
-        try:
-            results.append(_end_to_end(args, device))
-        except Exception as err:  # the step figures above stay valid when the recipe run fails
-            results.append({"name": "recipe_end_to_end", "error": f"{type(err).__name__}: {err}"})
-        print(json.dumps(results[-1]), flush=True)
+        results += _end_to_end_runs(args, device)
     report: dict[str, Any] = {
         "benchmark": "clip_vit_b16_train_step",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

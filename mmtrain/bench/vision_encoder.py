@@ -46,6 +46,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-eager", action="store_true", help="skip the eager mmtrain variant")
     p.add_argument("--ac", action="store_true", help="also run mmtrain compiled with per-layer activation checkpointing")
     p.add_argument("--no-torchtune", action="store_true", help="do not run torchtune even if importable")
+    p.add_argument("--torchtune-last", action="store_true", help="run torchtune after the mmtrain variants (default: first)")
     p.add_argument("--sdpa-backends", default="auto,cudnn",
                    help="comma list: the mmtrain variants run once per SDPA kernel preference (auto = torch's order; "
                         "cudnn/flash/efficient/math first)")
@@ -80,9 +81,18 @@ def _run_variant(name: str, build: Callable[[], nn.Module], args: argparse.Names
                  device: torch.device, dtype: torch.dtype, compile_layers: bool, ac: bool,
                  sdpa: str = "auto") -> dict[str, Any]:
     # compile included: a compiled graph keeps the attention kernel chosen while it was traced
-    with sdpa_backend(sdpa):
-        result = _measure_variant(name, build, args, cfg, device, dtype, compile_layers, ac)
+    try:
+        with sdpa_backend(sdpa):
+            result = _measure_variant(name, build, args, cfg, device, dtype, compile_layers, ac)
+    except Exception as err:  # noqa: BLE001 - one variant failing (OOM, a compile error) must not cost the others
+        result = {"name": name, "error": f"{type(err).__name__}: {err}"[:2000], "step_s_median": None,
+                  "tiles_per_s": None, "flops_per_step": None, "tflops_per_s": None, "peak_memory_gib": None}
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     result["sdpa_backend"] = sdpa
+    # One line per variant as it finishes, so a run cut off by a time limit still reports what it measured.
+    print(json.dumps({k: v for k, v in result.items() if k != "config"}), flush=True)
     return result
 
 
@@ -172,6 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     backends = [name.strip() for name in args.sdpa_backends.split(",") if name.strip()] or ["auto"]
     for backend in backends:
         sdpa_backend_order(backend)  # an unknown name fails here, before any variant runs
+    def run_torchtune() -> str | None:
+        builder = None if args.no_torchtune else _torchtune_builder(cfg)
+        if builder is None:
+            return None
+        import torchtune
+
+        results.append(_run_variant("torchtune eager", builder, args, cfg, device, dtype, compile_layers=False,
+                                    ac=False))
+        return getattr(torchtune, "__version__", "unknown")
+
+    # The peer runs first by default, in a fresh process: nothing compiled yet, no kernel preference set, no
+    # allocator blocks cached by our variants.
+    torchtune_version = None if args.torchtune_last else run_torchtune()
     for backend in backends:
         tag = "" if backend == "auto" else f" [{backend}]"
         if not args.no_eager:
@@ -183,15 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ac:
             results.append(_run_variant(f"mmtrain compiled+ac{tag}", ours, args, cfg, device, dtype,
                                         compile_layers=not args.no_compile, ac=True, sdpa=backend))
-    torchtune_version = None
-    if not args.no_torchtune:
-        builder = _torchtune_builder(cfg)
-        if builder is not None:
-            import torchtune
-
-            torchtune_version = getattr(torchtune, "__version__", "unknown")
-            results.append(_run_variant("torchtune eager", builder, args, cfg, device, dtype,
-                                        compile_layers=False, ac=False))
+    if args.torchtune_last:
+        torchtune_version = run_torchtune()
 
     peak_flops = None
     if device.type == "cuda":
@@ -203,9 +219,11 @@ def main(argv: list[str] | None = None) -> int:
             peak_flops = None
     for r in results:
         r["mfu"] = (r["tflops_per_s"] * 1e12 / peak_flops) if (peak_flops and r["tflops_per_s"]) else None
-    baseline = next((r for r in results if r["name"] == "torchtune eager"), None)
+    baseline = next((r for r in results if r["name"] == "torchtune eager" and r["tiles_per_s"]), None)
     if baseline:
         for r in results:
+            if not r["tiles_per_s"]:
+                continue
             r["speedup_vs_torchtune"] = r["tiles_per_s"] / baseline["tiles_per_s"]
             if r["peak_memory_gib"] and baseline["peak_memory_gib"]:
                 r["memory_vs_torchtune"] = r["peak_memory_gib"] / baseline["peak_memory_gib"]
