@@ -269,7 +269,8 @@ class ContrastiveRecipe:
                                   "use a fused optimizer (optimizer.fused=true) or host_sync=step")
             return True
         strategy = str(OmegaConf.select(self.cfg, "distributed.strategy") or "ddp")
-        return supported and self.device.type == "cuda" and strategy != "fsdp"
+        sharded = strategy == "fsdp" and self.dist.is_distributed  # one process never shards (wrap_model)
+        return supported and self.device.type == "cuda" and not sharded
 
     def train(self) -> None:
         cfg = self.cfg
