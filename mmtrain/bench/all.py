@@ -61,6 +61,7 @@ TILED_TARGET_SHAPE = (65536, 640)
 LOCAL_TARGET_FRACTION = 0.5
 LOCAL_TARGET_SEQ_LEN = 16384
 APPROX_TARGET_MEMORY_FRACTION = 1 / 8
+APPROX_TARGET_FROM_SEQ_LEN = 8192
 APPROX_MECHANISMS = ("linformer", "nystrom", "favor")
 
 MET, NOT_MET, NOT_MEASURED = "met", "not met", "not measured"
@@ -517,11 +518,15 @@ def _attention_rows(report, runs) -> list[dict[str, Any]]:
     approx = _row("attention_approx_memory", "attention",
                   f"{', '.join(APPROX_MECHANISMS)} peak memory vs attention with a materialized S x S mask",
                   f"<= 1/{round(1 / APPROX_TARGET_MEMORY_FRACTION)} of it at the longest length")
+    speed = _row("attention_approx_speed", "attention",
+                 f"{', '.join(APPROX_MECHANISMS)} fwd+bwd time vs dense SDPA",
+                 f"faster than dense SDPA at every length >= {APPROX_TARGET_FROM_SEQ_LEN}")
     if report is None:
-        local["reason"] = approx["reason"] = _why_missing("attention", runs)
-        return [local, approx]
+        local["reason"] = approx["reason"] = speed["reason"] = _why_missing("attention", runs)
+        return [local, approx, speed]
     notes = [n for n in (_partial_note("attention", report, runs),) if n]
     rows = [r for r in _results(report) if r.get("status") == "ok" and "mechanism" in r]
+    speed = _approx_speed_row(speed, rows, bool(report.get("smoke")), notes)
 
     def find(name: str, seq_len: int) -> dict[str, Any] | None:
         return next((r for r in rows if r["mechanism"] == name and r.get("seq_len") == seq_len), None)
@@ -529,7 +534,7 @@ def _attention_rows(report, runs) -> list[dict[str, Any]]:
     dense_lengths = [r["seq_len"] for r in rows if r["mechanism"] == "sdpa"]
     if not dense_lengths:
         local["reason"] = approx["reason"] = "; ".join(notes) or "no dense SDPA row in attention.json"
-        return [local, approx]
+        return [local, approx, speed]
     longest = max(dense_lengths)
     smoke = "--smoke run (tiny CPU shapes), not the target's" if report.get("smoke") else None
     short = (f"longest length measured is {longest}; the issue's target is at {LOCAL_TARGET_SEQ_LEN}"
@@ -566,7 +571,7 @@ def _attention_rows(report, runs) -> list[dict[str, Any]]:
     if baseline is None:
         approx["reason"] = "; ".join([smoke or f"no materialized-mask memory figure at {longest} (CPU runs have none)"]
                                      + notes)
-        return [local, approx]
+        return [local, approx, speed]
     approx["peer"] = f"{baseline['mechanism']} {baseline['peak_mem_mb']:.0f} MiB at {longest}"
     if fractions:
         approx["mmtrain"] = ", ".join(f"{n} {find(n, longest)['peak_mem_mb']:.0f} MiB" for n in fractions)
@@ -582,7 +587,36 @@ def _attention_rows(report, runs) -> list[dict[str, Any]]:
     else:
         approx["status"] = MET
         approx["reason"] = "; ".join([n for n in (short,) if n] + notes) or None
-    return [local, approx]
+    return [local, approx, speed]
+
+
+def _approx_speed_row(row: dict[str, Any], rows: list[dict[str, Any]], smoke: bool,
+                      notes: list[str]) -> dict[str, Any]:
+    """Each approximation's fwd+bwd time over dense SDPA's at every measured length from 8k up (< 1 is faster)."""
+    times = {(r["mechanism"], r.get("seq_len")): r["time_ms"] for r in rows if _number(r.get("time_ms")) is not None}
+    lengths = sorted(n for (m, n) in times if m == "sdpa" and n >= APPROX_TARGET_FROM_SEQ_LEN)
+    if not lengths:
+        row["reason"] = "; ".join([f"no dense SDPA time at {APPROX_TARGET_FROM_SEQ_LEN} or longer"] + notes)
+        return row
+    ratios = {name: {n: times[(name, n)] / times[("sdpa", n)] for n in lengths if (name, n) in times}
+              for name in APPROX_MECHANISMS}
+    slower = [f"{name} at {n}" for name, by_len in ratios.items() for n, ratio in by_len.items() if ratio >= 1.0]
+    missing = [f"{name} at {n}" for name in APPROX_MECHANISMS for n in lengths if n not in ratios[name]]
+    row["result"] = ", ".join(f"{name} " + "/".join(f"{r:.2f}" for r in by_len.values())
+                              for name, by_len in ratios.items() if by_len)
+    row["mmtrain"] = "time / dense SDPA time at " + ", ".join(str(n) for n in lengths)
+    row["values"].update(seq_lens=lengths, time_ratios=ratios)
+    if smoke:
+        row["reason"] = "; ".join(["--smoke run (tiny CPU shapes), not the target's"] + notes)
+    elif slower:
+        row["status"] = NOT_MET
+        row["reason"] = "; ".join([f"not faster: {', '.join(slower)}"] + notes)
+    elif missing:
+        row["reason"] = "; ".join([f"no time for {', '.join(missing)}"] + notes)
+    else:
+        row["status"] = MET
+        row["reason"] = "; ".join(notes) or None
+    return row
 
 
 def _scaling_rows(report, runs) -> list[dict[str, Any]]:

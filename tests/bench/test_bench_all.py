@@ -12,7 +12,7 @@ from mmtrain.bench import all as bench_all
 from mmtrain.errors import UserError
 
 ROW_KEYS = ["clip_vit_b16_step", "align_base_step", "vision_encoder_step", "data_pipeline", "recipe_end_to_end",
-            "tiled_loss", "attention_local", "attention_approx_memory"]
+            "tiled_loss", "attention_local", "attention_approx_memory", "attention_approx_speed"]
 
 
 def _rows(summary):
@@ -58,15 +58,21 @@ def _tiled(*peaks, batch=65536, dim=640, smoke=False):
     return {"benchmark": "tiled_loss", "batch": batch, "dim": dim, "smoke": smoke, "results": results}
 
 
-def _attention(local_tflops=300.0, dense_tflops=580.0, favor_mb=1900.0, longest=16384):
+def _attention(local_tflops=300.0, dense_tflops=580.0, favor_mb=1900.0, longest=16384, favor_ms_at_8k=2.0):
     rows = []
-    for seq in (8192, longest):
-        rows += [{"mechanism": "sdpa", "seq_len": seq, "tflops": dense_tflops, "peak_mem_mb": 200.0, "status": "ok"},
+    for seq in (4096, 8192, longest):
+        dense_ms = 3.0 * (seq / 8192) ** 2
+        favor_ms = favor_ms_at_8k * seq / 8192
+        rows += [{"mechanism": "sdpa", "seq_len": seq, "tflops": dense_tflops, "peak_mem_mb": 200.0,
+                  "time_ms": dense_ms, "status": "ok"},
                  {"mechanism": "naive", "seq_len": seq, "tflops": 100.0, "peak_mem_mb": 16000.0, "status": "ok"},
                  {"mechanism": "local", "seq_len": seq, "tflops": local_tflops, "peak_mem_mb": 300.0, "status": "ok"},
-                 {"mechanism": "linformer", "seq_len": seq, "tflops": None, "peak_mem_mb": 1000.0, "status": "ok"},
-                 {"mechanism": "nystrom", "seq_len": seq, "tflops": None, "peak_mem_mb": 1500.0, "status": "ok"},
-                 {"mechanism": "favor", "seq_len": seq, "tflops": None, "peak_mem_mb": favor_mb, "status": "ok"}]
+                 {"mechanism": "linformer", "seq_len": seq, "tflops": None, "peak_mem_mb": 1000.0,
+                  "time_ms": 0.5 * seq / 8192, "status": "ok"},
+                 {"mechanism": "nystrom", "seq_len": seq, "tflops": None, "peak_mem_mb": 1500.0,
+                  "time_ms": 1.0 * seq / 8192, "status": "ok"},
+                 {"mechanism": "favor", "seq_len": seq, "tflops": None, "peak_mem_mb": favor_mb,
+                  "time_ms": favor_ms, "status": "ok"}]
     return {"device": "NVIDIA H100 80GB HBM3", "smoke": False, "results": rows}
 
 
@@ -77,7 +83,7 @@ def test_all_targets_met_on_hand_written_reports():
     rows = _rows(summary)
     assert list(rows) == ROW_KEYS
     assert {key: row["status"] for key, row in rows.items()} == dict.fromkeys(ROW_KEYS, "met")
-    assert summary["counts"] == {"met": 8, "not met": 0, "not measured": 0}
+    assert summary["counts"] == {"met": 9, "not met": 0, "not measured": 0}
     clip = rows["clip_vit_b16_step"]
     assert clip["values"]["ratio"] == pytest.approx(2626 / 1725) and clip["result"] == "1.52x"
     assert clip["values"]["mmtrain_variant"] == "mmtrain_compiled"  # the best mmtrain variant, not the first
@@ -92,22 +98,26 @@ def test_all_targets_met_on_hand_written_reports():
     assert rows["attention_local"]["values"]["seq_len"] == 16384
     assert rows["attention_approx_memory"]["values"]["fractions"] == pytest.approx(
         {"linformer": 1000 / 16000, "nystrom": 1500 / 16000, "favor": 1900 / 16000})
+    speed = rows["attention_approx_speed"]["values"]  # 4096 is below the target's range (favor is slower there)
+    assert speed["seq_lens"] == [8192, 16384]
+    assert speed["time_ratios"]["nystrom"] == pytest.approx({8192: 1 / 3, 16384: 2 / 12})
     assert summary["environment"] == {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0",
                                       "measured_bf16_peak_tflops": 760.0}
     markdown = bench_all.format_markdown(summary, "mmtrain bench all")
     assert "Command: `mmtrain bench all`" in markdown and "760 TFLOP/s" in markdown
-    assert markdown.count("| met |") == 8
+    assert markdown.count("| met |") == 9
 
 
 def test_targets_not_met_on_hand_written_reports():
     reports = {"contrastive": _contrastive(2500.0, 1725.0, e2e=2000.0), "align": _align(307.0, 192.0),
                "vision_encoder": _vision(30.0), "data": _data(2900.0), "tiled_loss": _tiled(2.0, 4.2),
-               "attention": _attention(local_tflops=155.0, favor_mb=2100.0)}
+               "attention": _attention(local_tflops=155.0, favor_mb=2100.0, favor_ms_at_8k=3.3)}
     rows = _rows(bench_all.build_summary(reports))
     assert {key: row["status"] for key, row in rows.items()} == dict.fromkeys(ROW_KEYS, "not met")
     assert rows["clip_vit_b16_step"]["result"] == "1.45x"
     assert rows["align_base_step"]["result"].startswith("1.60x")
     assert rows["recipe_end_to_end"]["result"] == "80%"
+    assert rows["attention_approx_speed"]["reason"] == "not faster: favor at 8192"
 
 
 def test_align_memory_not_more_is_part_of_its_target():
@@ -187,7 +197,7 @@ def test_smoke_run_of_two_benchmarks_writes_the_summary(tmp_path, monkeypatch):
     assert data["status"] == "not measured" and "image_size 32" in data["reason"]  # smoke shapes, not 224 px
     assert rows["tiled_loss"]["values"]["worst_peak_gib"] > 0
     for key in ("clip_vit_b16_step", "align_base_step", "vision_encoder_step", "recipe_end_to_end",
-                "attention_local", "attention_approx_memory"):
+                "attention_local", "attention_approx_memory", "attention_approx_speed"):
         assert rows[key]["status"] == "not measured" and rows[key]["reason"].endswith("not run"), rows[key]
     assert "mmtrain bench all --smoke" in markdown and "| benchmark | mmtrain |" in markdown
     assert markdown.count("not measured") >= 8
