@@ -139,12 +139,19 @@ class ContrastiveRecipe:
             normalize_on_device = self.device.type == "cuda"
         if not isinstance(normalize_on_device, bool):
             raise ConfigError(f"normalize_on_device: expected auto, true or false, got {normalize_on_device!r}")
+        decode_on_device = cfg.get("decode_on_device", False)
+        if not isinstance(decode_on_device, bool):
+            raise ConfigError(f"decode_on_device: expected true or false, got {decode_on_device!r}")
         self.train_set = instantiate(cfg.dataset, split="train")
+        if decode_on_device and not hasattr(self.train_set, "_source_of"):
+            raise ConfigError(f"decode_on_device: needs an image folder dataset (dataset=image_folder), got "
+                              f"{type(self.train_set).__name__}")
         self.val_set = instantiate(cfg.dataset, split="validation")
         self.loader = build_contrastive_loader(
             self.train_set, self.tokenizer, batch_size=self.split.micro_batch_size, shuffle=True,
             seed=int(cfg.seed), rank=self.dist.rank, world_size=self.dist.world_size, num_workers=num_workers,
-            pin_memory=self.device.type == "cuda", drop_last=True, normalize_on_device=normalize_on_device)
+            pin_memory=self.device.type == "cuda", drop_last=True, normalize_on_device=normalize_on_device,
+            decode_on_device=self.device if decode_on_device else None)
         # Worker seeds come from the loader's own generator, so making an iterator (as a resumed run does
         # mid-epoch) never draws from the global RNG; augmentations are seeded per sample anyway.
         self.loader.generator = torch.Generator().manual_seed(int(cfg.seed))
@@ -237,6 +244,9 @@ class ContrastiveRecipe:
     _HOST_KEYS = ("index", "num_skipped")  # bookkeeping read on the host: copying them over would cost a sync
 
     def _to_device(self, batch: dict[str, Any], loader=None) -> dict[str, Any]:
+        decoder = getattr(loader if loader is not None else self.loader, "device_decoder", None)
+        if decoder is not None:  # JPEG bytes -> uint8 pixels on the device (drops files it cannot decode)
+            batch = decoder(batch)
         non_blocking = self.device.type == "cuda"
         moved = {k: v.to(self.device, non_blocking=non_blocking) if torch.is_tensor(v) and k not in self._HOST_KEYS
                  else v for k, v in batch.items()}
@@ -504,6 +514,8 @@ def validate(cfg: DictConfig, report) -> None:
         report.error("sdpa_backend", f"must be auto or one of {', '.join(SDPA_BACKENDS)}, got {cfg.get('sdpa_backend')!r}")
     if str(cfg.get("host_sync", "auto")) not in ("auto", "step", "log"):
         report.error("host_sync", f"must be auto, step or log, got {cfg.get('host_sync')!r}")
+    if cfg.get("decode_on_device", False) not in (True, False):
+        report.error("decode_on_device", f"must be true or false, got {cfg.get('decode_on_device')!r}")
     if cfg.get("normalize_on_device", "auto") not in ("auto", True, False):
         report.error("normalize_on_device", f"must be auto, true or false, got {cfg.get('normalize_on_device')!r}")
     strategy = OmegaConf.select(cfg, "distributed.strategy")

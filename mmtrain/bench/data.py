@@ -8,6 +8,8 @@ Paths measured (each a row of the table and an entry of the JSON):
   batches, pinned memory when CUDA is present, float pixels copied to the training device (CUDA, else CPU).
 - ``cpu_uint8``: the same with the recipe's ``normalize_on_device``: workers hand over uint8 pixels (a quarter
   of the bytes through shared memory, pinning and the copy), normalized once on the device.
+- ``decode_on_device``: the recipe's ``decode_on_device=true`` loader: workers read JPEG bytes and draw crops,
+  ``loader.device_decoder`` decodes (nvJPEG on CUDA), crops and flips on the device (on CPU without CUDA).
 - ``gpu`` (CUDA only): workers only read file bytes; ``torchvision.io.decode_jpeg(device="cuda")`` decodes the
   batch on the GPU, then crop/flip/resize/normalize run on CUDA tensors (torchvision v2 functionals).
 
@@ -38,7 +40,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--num-batches", type=int, default=20, help="timed batches (after one warm-up batch)")
-    parser.add_argument("--paths", default="cpu,cpu_uint8,gpu", help="comma list of cpu,cpu_uint8,gpu (gpu: CUDA)")
+    parser.add_argument("--paths", default="cpu,cpu_uint8,decode_on_device,gpu",
+                        help="comma list of cpu,cpu_uint8,decode_on_device,gpu (gpu: CUDA only)")
     parser.add_argument("--no-draft-decode", action="store_true",
                         help="decode JPEGs at full size (default: reduced-scale decode where the crop allows)")
     parser.add_argument("--out", default="bench_results/data.json")
@@ -46,7 +49,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.num_images, args.source_size, args.image_size = 24, 48, 32
-        args.batch_size, args.num_workers, args.num_batches, args.paths = 8, 0, 2, "cpu,cpu_uint8"
+        args.batch_size, args.num_workers, args.num_batches, args.paths = 8, 0, 2, "cpu,cpu_uint8,decode_on_device"
     return args
 
 
@@ -83,7 +86,7 @@ def _time_batches(iterator, num_batches: int, sync) -> tuple[float, int]:
     return time.perf_counter() - start, images
 
 
-def bench_cpu(path: str, args, normalize_on_device: bool = False) -> dict:
+def bench_cpu(path: str, args, normalize_on_device: bool = False, decode_on_device: bool = False) -> dict:
     from mmtrain.data.image_folder import image_folder_dataset
     from mmtrain.data.loader import build_contrastive_loader
     from mmtrain.data.tokenizers import shapes_tokenizer
@@ -94,13 +97,15 @@ def bench_cpu(path: str, args, normalize_on_device: bool = False) -> dict:
     loader = build_contrastive_loader(
         dataset, shapes_tokenizer(16), batch_size=args.batch_size, shuffle=True, seed=0,
         num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-        normalize_on_device=normalize_on_device,
+        normalize_on_device=normalize_on_device, decode_on_device=device if decode_on_device else None,
     )
 
     def on_device():
         # what the recipe's step receives: float pixels on the training device
         while True:
             for batch in loader:
+                if loader.device_decoder is not None:
+                    batch = loader.device_decoder(batch)
                 pixels = batch["pixel_values"].to(device, non_blocking=True)
                 if loader.pixel_normalizer is not None:
                     pixels = loader.pixel_normalizer(pixels)
@@ -108,7 +113,8 @@ def bench_cpu(path: str, args, normalize_on_device: bool = False) -> dict:
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds, images = _time_batches(on_device(), args.num_batches, sync)
-    return {"path": "cpu_uint8" if normalize_on_device else "cpu", "images": images, "seconds": seconds,
+    name = "decode_on_device" if decode_on_device else "cpu_uint8" if normalize_on_device else "cpu"
+    return {"path": name, "images": images, "seconds": seconds,
             "images_per_s": images / seconds, "num_workers": args.num_workers,
             "draft_decode": not args.no_draft_decode}
 
@@ -188,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = []
         wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
-        for name in ("cpu", "cpu_uint8"):
+        for name in ("cpu", "cpu_uint8", "decode_on_device"):
             if name in wanted:
-                results.append(bench_cpu(path, args, normalize_on_device=name == "cpu_uint8"))
+                results.append(bench_cpu(path, args, normalize_on_device=name != "cpu",
+                                         decode_on_device=name == "decode_on_device"))
                 print(json.dumps(results[-1]), flush=True)
         if "gpu" in wanted:
             if torch.cuda.is_available():
@@ -206,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         "source": args.path or f"generated {args.num_images} JPEGs at {args.source_size}px",
         "torch": torch.__version__, "results": results,
     }
-    print(f"{'path':<9} {'workers':>7} {'images':>7} {'seconds':>8} {'images/s':>10}")
+    print(f"{'path':<16} {'workers':>7} {'images':>7} {'seconds':>8} {'images/s':>10}")
     for r in results:
-        print(f"{r['path']:<9} {r['num_workers']:>7} {r['images']:>7} {r['seconds']:>8.2f} {r['images_per_s']:>10.1f}")
+        print(f"{r['path']:<16} {r['num_workers']:>7} {r['images']:>7} {r['seconds']:>8.2f} {r['images_per_s']:>10.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -211,12 +211,15 @@ class ContrastiveDataLoader(DataLoader):
       512 samples and at each epoch end); a DataError when a whole epoch had no readable sample.
     - ``total_skipped`` / ``total_seen``: counts since construction.
     - ``pixel_normalizer``: None, or (with ``normalize_on_device``) the uint8 -> float step left to the caller.
+    - ``device_decoder``: None, or (with ``decode_on_device``) the decode + crop step left to the caller, before
+      ``pixel_normalizer``.
     """
 
     def __init__(self, *args, max_skipped_fraction: float = 1.0, source: str = "dataset",
                  pixel_normalizer=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.pixel_normalizer = pixel_normalizer
+        self.device_decoder = None
         self.max_skipped_fraction = float(max_skipped_fraction)
         self.source = source
         self.total_skipped = 0
@@ -298,6 +301,7 @@ def build_contrastive_loader(
     prefetch_factor: int | None = None,
     max_skipped_fraction: float | None = None,
     normalize_on_device: bool = False,
+    decode_on_device: torch.device | str | None = None,
 ) -> ContrastiveDataLoader:
     """DataLoader of contrastive batches (see the module docstring) for this rank.
 
@@ -312,12 +316,18 @@ def build_contrastive_loader(
         normalize_on_device: batches carry uint8 pixels (a quarter of the bytes from the workers to the GPU);
             the caller applies ``loader.pixel_normalizer`` once they are on the device. Needs a transform with
             ``unnormalized()`` and ``pixel_normalizer()`` (``ContrastiveImageTransform``).
+        decode_on_device: a device: workers hand over encoded JPEG bytes and their crops, and the caller applies
+            ``loader.device_decoder`` (decode + crop + flip there, see ``mmtrain.data.device_decode``), then
+            ``loader.pixel_normalizer``. Image folders with a training transform only; implies
+            ``normalize_on_device``.
     """
     if image_transform is None:
         if not hasattr(dataset, "make_transform"):
             raise TypeError(f"{type(dataset).__name__} has no make_transform(); pass image_transform")
         image_transform = dataset.make_transform()
     pixel_normalizer = None
+    if decode_on_device is not None:
+        normalize_on_device = True
     if normalize_on_device:
         if not (hasattr(image_transform, "unnormalized") and hasattr(image_transform, "pixel_normalizer")):
             raise TypeError(f"normalize_on_device needs a transform with unnormalized() and pixel_normalizer(), "
@@ -334,13 +344,20 @@ def build_contrastive_loader(
     extra = {}
     if num_workers > 0 and prefetch_factor is not None:
         extra["prefetch_factor"] = prefetch_factor
+    items, collate, device_decoder = TransformedDataset(dataset, image_transform, seed=seed), ContrastiveCollator, None
+    if decode_on_device is not None:
+        from mmtrain.data.device_decode import DeviceImageDecoder, EncodedCollator, EncodedImageDataset
+
+        items, collate = EncodedImageDataset(dataset, image_transform, seed=seed), EncodedCollator
+        device_decoder = DeviceImageDecoder(image_transform.image_size, image_transform.interpolation,
+                                            decode_on_device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "This DataLoader will create N workers" on small machines
-        return ContrastiveDataLoader(
-            TransformedDataset(dataset, image_transform, seed=seed),
+        loader = ContrastiveDataLoader(
+            items,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=ContrastiveCollator(tokenizer),
+            collate_fn=collate(tokenizer),
             num_workers=num_workers,
             drop_last=False,  # the sampler already decided; a short last batch only exists when drop_last=False
             pin_memory=pin_memory,
@@ -349,3 +366,5 @@ def build_contrastive_loader(
             pixel_normalizer=pixel_normalizer,
             **extra,
         )
+    loader.device_decoder = device_decoder
+    return loader

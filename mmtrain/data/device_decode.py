@@ -1,0 +1,185 @@
+"""JPEG decode and augmentation on the training device: DataLoader workers only read file bytes and draw each
+sample's crop, so a CPU-starved loader stops limiting the step (the ``decode_on_device`` recipe key).
+
+Worker item (``EncodedImageDataset[index]``), one of:
+
+    {"encoded": uint8 (n_bytes,), "crop": long (4,) top/left/height/width, "flip": bool, "text", "index"}
+    {"pixel_values": uint8 (3, S, S), "text", "index"}   a file the device path does not take (PNG, CMYK or
+                                                         EXIF-rotated JPEG...), decoded and cropped on the CPU
+    None                                                 unreadable header (counted as skipped, as on the CPU path)
+
+Batch (``EncodedCollator``): ``encoded`` list of n_enc uint8 tensors, ``crops`` long (n_enc, 4), ``flips`` bool
+(n_enc,), ``encoded_positions`` long (n_enc,), ``cpu_pixels`` uint8 (n_cpu, 3, S, S), ``cpu_positions`` long
+(n_cpu,), plus the usual ``input_ids`` (B, L), ``attention_mask`` (B, L), ``index`` (B,), ``num_skipped`` ().
+
+``DeviceImageDecoder(batch)`` turns that into the plain contract: ``pixel_values`` uint8 (B', 3, S, S) on the
+device (``torchvision.io.decode_jpeg``, nvJPEG on CUDA), then the loader's ``pixel_normalizer`` gives floats. A
+file that fails to decode there is dropped from the batch (its text rows too) and counted in ``num_skipped``.
+
+Crops and flips come from the same per-sample seed and the same draws as ``ContrastiveImageTransform``, so the
+device path crops exactly the regions the CPU path would (pixels differ only by the JPEG decoders' rounding).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import warnings
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mmtrain.data.loader import ContrastiveCollator, TransformedDataset, _mix
+from mmtrain.errors import DataError
+
+__all__ = ["DeviceImageDecoder", "EncodedCollator", "EncodedImageDataset"]
+
+logger = logging.getLogger(__name__)
+
+_EXIF_ORIENTATION = 0x0112
+
+
+class EncodedImageDataset(TransformedDataset):
+    """An image folder's rows as encoded JPEG bytes plus the crop and flip the train transform would draw."""
+
+    def __init__(self, dataset, image_transform, seed: int = 0) -> None:
+        if not hasattr(dataset, "_source_of"):
+            raise TypeError(f"decode_on_device needs an image folder dataset, got {type(dataset).__name__}")
+        if not getattr(image_transform, "train", False):
+            raise TypeError("decode_on_device applies to the training transform only")
+        super().__init__(dataset, image_transform, seed=seed)
+
+    def __getitem__(self, index: int) -> dict | None:
+        source, name = self.dataset._source_of(index)
+        text = self.dataset.captions[index]
+        seed = _mix(self.seed, self.epoch, index)
+        try:
+            data = None if isinstance(source, Image.Image) else _read_bytes(source)
+            header = None if data is None else _jpeg_header(data, getattr(self.dataset, "max_image_pixels", None))
+        except Exception as error:  # noqa: BLE001 - unreadable header: skipped and counted, as decode_image does
+            self.dataset.num_skipped += 1
+            logger.warning("skipping unreadable image %s: %s: %s", name, type(error).__name__, error)
+            return None
+        if header is None:  # not a plain RGB/grayscale JPEG: the CPU path decodes it
+            item = super().__getitem__(index)
+            return None if item is None else {"pixel_values": item["pixel_values"], "text": text, "index": index}
+        width, height = header
+        transform = self.image_transform
+        rng = random.Random(seed)
+        crop = transform.crop_params(height, width, rng)
+        flip = rng.random() < transform.hflip_prob and transform.flip_allowed(text)
+        return {"encoded": torch.frombuffer(bytearray(data), dtype=torch.uint8), "crop": torch.tensor(crop),
+                "flip": flip, "text": text, "index": index}
+
+
+def _read_bytes(source) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source)
+    with open(source, "rb") as handle:
+        return handle.read()
+
+
+def _jpeg_header(data: bytes, max_image_pixels: int | None) -> tuple[int, int] | None:
+    """(width, height) of a JPEG the device decoder takes as is, None for any other image; raises if unreadable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+        if max_image_pixels and image.width * image.height > max_image_pixels:
+            raise Image.DecompressionBombError(
+                f"{image.width}x{image.height} = {image.width * image.height} pixels exceeds {max_image_pixels}")
+        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+            return None
+        if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # rotation is applied on the CPU path
+            return None
+        return image.width, image.height
+
+
+class EncodedCollator(ContrastiveCollator):
+    """Keeps encoded images as a list (their lengths differ) and CPU-decoded ones as one uint8 stack."""
+
+    def __call__(self, samples: list[dict | None]) -> dict[str, Any]:
+        kept = [s for s in samples if s is not None]
+        num_skipped = torch.tensor(len(samples) - len(kept), dtype=torch.long)
+        if not kept:
+            return {"pixel_values": None, "index": torch.zeros(0, dtype=torch.long), "num_skipped": num_skipped}
+        tokens = self.tokenizer([s["text"] for s in kept])
+        encoded = [(i, s) for i, s in enumerate(kept) if "encoded" in s]
+        decoded = [(i, s) for i, s in enumerate(kept) if "encoded" not in s]
+        return {
+            "encoded": [s["encoded"] for _, s in encoded],
+            "crops": torch.stack([s["crop"] for _, s in encoded]) if encoded else torch.zeros(0, 4, dtype=torch.long),
+            "flips": torch.tensor([s["flip"] for _, s in encoded], dtype=torch.bool),
+            "encoded_positions": torch.tensor([i for i, _ in encoded], dtype=torch.long),
+            "cpu_pixels": torch.stack([s["pixel_values"] for _, s in decoded]) if decoded else None,
+            "cpu_positions": torch.tensor([i for i, _ in decoded], dtype=torch.long),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
+            "num_skipped": num_skipped,
+        }
+
+
+class DeviceImageDecoder:
+    """Host batch from ``EncodedCollator`` -> the same batch with ``pixel_values`` uint8 (B', 3, S, S) on ``device``."""
+
+    def __init__(self, image_size: int, interpolation, device: torch.device | str) -> None:
+        self.image_size = int(image_size)
+        self.interpolation = interpolation
+        self.device = torch.device(device)
+
+    def _decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if not encoded:
+            return []
+        try:
+            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:  # one bad file fails the whole batched call: find it, keep the others
+            images: list[torch.Tensor | None] = []
+            for data in encoded:
+                try:
+                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError as error:
+                    logger.warning("skipping a JPEG the device decoder cannot read: %s", error)
+                    images.append(None)
+            return images
+
+    def _augment(self, image: torch.Tensor, crop: list[int], flip: bool) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as F
+
+        top, left, height, width = crop
+        size = self.image_size
+        if not ((height, width) == tuple(image.shape[-2:]) == (size, size)):
+            image = F.resized_crop(image, top, left, height, width, [size, size], interpolation=self.interpolation,
+                                   antialias=True)
+        return F.horizontal_flip(image) if flip else image
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if "encoded" not in batch:
+            return batch
+        batch = dict(batch)
+        encoded = batch.pop("encoded")
+        crops, flips = batch.pop("crops").tolist(), batch.pop("flips").tolist()
+        encoded_positions, cpu_positions = batch.pop("encoded_positions").tolist(), batch.pop("cpu_positions").tolist()
+        cpu_pixels = batch.pop("cpu_pixels")
+        count = len(encoded_positions) + len(cpu_positions)
+        images: list[torch.Tensor | None] = [None] * count
+        for position, image, crop, flip in zip(encoded_positions, self._decode(encoded), crops, flips):
+            images[position] = None if image is None else self._augment(image, crop, flip)
+        if cpu_pixels is not None:
+            on_device = cpu_pixels.to(self.device, non_blocking=True)
+            for row, position in enumerate(cpu_positions):
+                images[position] = on_device[row]
+        keep = [i for i, image in enumerate(images) if image is not None]
+        if len(keep) < count:
+            rows = torch.tensor(keep, dtype=torch.long)
+            for key in ("input_ids", "attention_mask", "index"):
+                batch[key] = batch[key].index_select(0, rows)
+            batch["num_skipped"] = batch["num_skipped"] + (count - len(keep))
+        if not keep:
+            raise DataError(f"none of the {count} images of a batch could be decoded on {self.device} "
+                            "(decode_on_device=false decodes them on the CPU)")
+        batch["pixel_values"] = torch.stack([images[i] for i in keep])
+        return batch
