@@ -22,7 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmtrain.modules.attention.base import Attention, AttentionConfig, register_attention
+from mmtrain.modules.attention.base import (
+    Attention,
+    AttentionConfig,
+    AttentionConfigError,
+    register_attention,
+)
 from mmtrain.modules.attention.core import AttentionMask, ScaledDotProduct, reject_ignored_masks
 from mmtrain.modules.attention.pattern import normalize_key_padding_mask
 
@@ -80,8 +85,12 @@ class OrthoFormerAttention(Attention):
             self._exact.train(self.training)
             return self._exact(q, k, v, att_mask=att_mask, key_padding_mask=key_padding_mask)
         if self.num_landmarks > min(q.shape[-2], s_k) and self.landmark_selection != LandmarkSelection.Random:
-            raise ValueError(
-                f"num_landmarks={self.num_landmarks} is more than the {min(q.shape[-2], s_k)} tokens to pick from"
+            # A config mistake found only once the sequence length is known: a ConfigError (one line, exit 2),
+            # still a ValueError for direct callers.
+            tokens = min(q.shape[-2], s_k)
+            raise AttentionConfigError(
+                f"attention 'orthoformer': num_landmarks={self.num_landmarks} is more than the {tokens} tokens to "
+                f"pick from; use num_landmarks <= {tokens} or landmark_selection=random"
             )
         if att_mask is not None:
             raise ValueError("OrthoFormerAttention cannot apply att_mask through landmarks "
