@@ -8,7 +8,8 @@ next-token cross-entropy on answer tokens only. Evaluation decodes greedy answer
 Config keys: output_dir, seed, max_steps, resume, batch_size, precision (fp32|bf16), sdpa_backend
 (auto|cudnn|flash|efficient|math), compile (none|regional|whole),
 activation_checkpointing, distributed.{strategy,world_size}, checkpoint.{every_n_steps,keep}, eval.{every_n_steps,
-batch_size,max_new_tokens,max_samples}, log.{every_n_steps,wandb,progress_bar}, tokenizer, dataset, model,
+batch_size,max_new_tokens,max_samples}, log.{every_n_steps,wandb,progress_bar}, nonfinite.{policy,max_consecutive}
+(a NaN/inf loss or gradient norm: skip the step, or stop after that many in a row), tokenizer, dataset, model,
 optimizer, lr_scheduler.
 """
 
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmtrain.config import instantiate
 from mmtrain.errors import ConfigError
 from mmtrain.modules.attention.sdpa_backend import SDPA_BACKENDS, sdpa_backend, sdpa_backend_order
+from mmtrain.training.nonfinite import POLICIES, NonFiniteGuard
 
 IGNORE = -100
 
@@ -63,6 +65,9 @@ def validate(cfg: DictConfig, report: Any) -> None:
         report.error("precision", f"expected fp32 or bf16, got {precision!r}")
     if str(cfg.get("sdpa_backend", "auto")) not in ("auto", *SDPA_BACKENDS):
         report.error("sdpa_backend", f"must be auto or one of {', '.join(SDPA_BACKENDS)}, got {cfg.get('sdpa_backend')!r}")
+    policy = OmegaConf.select(cfg, "nonfinite.policy")
+    if policy is not None and policy not in POLICIES:
+        report.error("nonfinite.policy", f"must be {' or '.join(POLICIES)}, got {policy!r}")
     batch = int(cfg.get("batch_size", 1))
     if batch % world:
         report.error("batch_size", f"global batch {batch} is not divisible by the world size {world}")
@@ -198,6 +203,7 @@ def main(cfg: DictConfig) -> dict:
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision: expected fp32 or bf16, got {precision!r}")
     sdpa_backend_order(str(cfg.get("sdpa_backend", "auto")))  # an unknown kernel name: one line, before building
+    guard = NonFiniteGuard(**(cfg.get("nonfinite", None) or {}))  # a bad policy: one line, before building
     strategy = str(OmegaConf.select(cfg, "distributed.strategy") or "none")
     split = split_global_batch(int(cfg.batch_size), world, OmegaConf.select(cfg, "micro_batch_size"))
 
@@ -251,7 +257,9 @@ def main(cfg: DictConfig) -> dict:
     start_step = 0
     resume_path = ckpt.resolve_resume(cfg.get("resume", "auto"))
     if resume_path is not None:
-        start_step = int(ckpt.load(resume_path, model, optimizer, scheduler)["step"])
+        state = ckpt.load(resume_path, model, optimizer, scheduler)
+        start_step = int(state["step"])
+        guard.load_state_dict(state)
     logger.print(f"vlm_finetune: {total_params:,} parameters, {trainable_params:,} trainable; {len(train_ds)} "
                  f"train / {len(val_ds)} validation samples; {world} process(es), {strategy}, {precision}, "
                  f"device {device}" + (f"; resumed at step {start_step}" if start_step else ""))
@@ -294,27 +302,35 @@ def main(cfg: DictConfig) -> dict:
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.get("clip_grad_norm", 1.0)))
-        optimizer.step()
+        # Every rank sees the same mean loss and (all-reduced) gradient norm, so all apply or skip the step alike.
+        step_loss, step_grad_norm = float(all_reduce_mean(loss_sum.clone())), float(grad_norm)
+        if guard.check(step, step_loss, step_grad_norm):  # may raise NonFiniteLossError (policy stop)
+            optimizer.step()
+            last_loss = step_loss
+        else:
+            logger.print(f"step {step}: non-finite loss {step_loss} / grad norm {step_grad_norm}; step skipped "
+                         f"({guard.skipped} so far, policy {guard.policy})")
         if scheduler is not None:
             scheduler.step()
         if step % log_every == 0 or step == max_steps:
-            last_loss = float(all_reduce_mean(loss_sum.clone()))
             elapsed = time.perf_counter() - t_steps
-            logger.log(step, {"loss": last_loss, "lr": optimizer.param_groups[0]["lr"],
-                              "grad_norm": float(grad_norm),
+            logger.log(step, {"loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": step_grad_norm,
+                              "nonfinite_steps": guard.skipped,
                               "samples_per_s": split.global_batch_size * (step - start_step) / max(elapsed, 1e-9)})
-        logger.advance(1, loss=float(loss_sum))
+        logger.advance(1, loss=step_loss)
         if eval_every and step % eval_every == 0 and step != max_steps:
             last_eval = run_eval(step)
-        if ckpt_every and step % ckpt_every == 0 and step != max_steps:
-            ckpt.save(step, model, optimizer, scheduler)
+        # No checkpoint of a non-finite step: the last good one stays the newest (nonfinite.py's promise).
+        if ckpt_every and step % ckpt_every == 0 and step != max_steps and not guard.consecutive:
+            ckpt.save(step, model, optimizer, scheduler, guard.state_dict())
 
     if max_steps > start_step or not last_eval:
         last_eval = run_eval(max_steps)
-    if max_steps > start_step:
-        ckpt.save(max_steps, model, optimizer, scheduler)
+    if max_steps > start_step and not guard.consecutive:
+        ckpt.save(max_steps, model, optimizer, scheduler, guard.state_dict())
     logger.close()
-    summary = {"steps": max_steps, "loss": last_loss, **last_eval, "parameters": total_params,
+    summary = {"steps": max_steps, "loss": last_loss, **last_eval, "nonfinite_steps": guard.skipped,
+               "parameters": total_params,
                "trainable_parameters": trainable_params, "time_s": round(time.perf_counter() - t_start, 1),
                "output_dir": output_dir}
     logger.print(f"summary: {max_steps} steps | loss {last_loss:.4f} | val/answer_acc "
