@@ -7,6 +7,7 @@ steps queue as they would in training), read after one final synchronize. CPU: `
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,3 +48,17 @@ def step_bench_parser(name: str, doc: str | None, *, batch: int, smoke_help: str
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help=compile_help)
     return p
+
+
+def measure_variant(name: str, measure: Callable[[], dict[str, Any]], **on_error: Any) -> dict[str, Any]:
+    """``measure()``'s result, or ``{"name", "error", **on_error}`` when it raised: one variant failing (a compile
+    error, out of memory) must not cost the others. Printed as one JSON line either way, as it lands, so a run cut
+    off by a time limit still reports what it measured."""
+    try:
+        result = measure()
+    except Exception as err:  # noqa: BLE001
+        result = {"name": name, "error": f"{type(err).__name__}: {err}"[:2000], **on_error}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print(json.dumps({k: v for k, v in result.items() if k != "config"}), flush=True)
+    return result

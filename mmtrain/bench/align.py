@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import statistics
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from mmtrain.bench._report import print_and_write, ratio_to
-from mmtrain.bench._timing import step_bench_parser, time_steps
+from mmtrain.bench._timing import measure_variant, step_bench_parser, time_steps
 from mmtrain.errors import UserError
 from mmtrain.losses import AlignLoss
 from mmtrain.models.align import AlignConfig, AlignModel
@@ -178,12 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     variants += [(names[mode], build_mmtrain(mode), True) for mode in modes]
     results = []
     for name, build, channels_last in variants:
-        try:
-            results.append(_run_variant(name, build, args, device, channels_last))
-        except Exception as err:  # noqa: BLE001 - one variant failing (a compile error) must not cost the others
-            results.append({"name": name, "error": f"{type(err).__name__}: {err}"[:2000]})
-        # One line per variant as it finishes, so a run cut off by a time limit still reports what it measured.
-        print(json.dumps(results[-1]), flush=True)
+        results.append(measure_variant(name, partial(_run_variant, name, build, args, device, channels_last)))
     report = {
         "benchmark": "align_train_step",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

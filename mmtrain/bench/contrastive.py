@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from mmtrain.bench._report import print_and_write, ratio_to
-from mmtrain.bench._timing import step_bench_parser, time_steps
+from mmtrain.bench._timing import measure_variant, step_bench_parser, time_steps
 
 __all__ = ["main"]
 
@@ -188,16 +189,12 @@ def _end_to_end_runs(args: argparse.Namespace, device: torch.device) -> list[dic
         results = []
         for extra in [""] + list(args.e2e_variant):
             name = "recipe_end_to_end" + (f" [{extra}]" if extra else "")
-            try:
-                result = {"name": name, **_end_to_end(args, device, data, extra.split())}
-            except Exception as err:  # noqa: BLE001 - the step figures stay valid when a recipe run fails
-                result = {"name": name, "error": f"{type(err).__name__}: {err}"[:2000]}
-            print(json.dumps(result), flush=True)
-            results.append(result)
+            results.append(measure_variant(name, partial(_end_to_end, name, args, device, data, extra.split())))
         return results
 
 
-def _end_to_end(args: argparse.Namespace, device: torch.device, data: Path, extra: list[str]) -> dict[str, Any]:
+def _end_to_end(name: str, args: argparse.Namespace, device: torch.device, data: Path,
+                extra: list[str]) -> dict[str, Any]:
     from mmtrain.config import load
 
     with tempfile.TemporaryDirectory(prefix="mmtrain_bench_e2e_") as tmp:
@@ -225,7 +222,7 @@ def _end_to_end(args: argparse.Namespace, device: torch.device, data: Path, extr
         windows = [e["samples_per_s"] for e in events if "samples_per_s" in e]
         # The first window holds compilation and loader start-up; report the steady state after it.
         steady = windows[1:] or windows
-        result = {"steps": steps, "overrides": extra, "wall_s": wall_s,
+        result = {"name": name, "steps": steps, "overrides": extra, "wall_s": wall_s,
                   "samples_per_s": statistics.median(steady) if steady else float("nan"),
                   "data": str(args.data) if args.data else "generated JPEGs"}
         peaks = [e["peak_mem_gib"] for e in events if "peak_mem_gib" in e]
@@ -248,12 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     variants, note = _variants(args)
     results = []
     for name, build in variants:
-        try:
-            results.append(_run_variant(name, build, args, device, vocab))
-        except Exception as err:  # noqa: BLE001 - one variant failing (a compile error) must not cost the others
-            results.append({"name": name, "error": f"{type(err).__name__}: {err}"[:2000]})
-        # One line per variant as it finishes, so a run cut off by a time limit still reports what it measured.
-        print(json.dumps(results[-1]), flush=True)
+        results.append(measure_variant(name, partial(_run_variant, name, build, args, device, vocab)))
     if not args.no_e2e:
         results += _end_to_end_runs(args, device)
     report: dict[str, Any] = {

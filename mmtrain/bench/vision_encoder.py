@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmtrain.bench._timing import step_bench_parser, time_steps
+from mmtrain.bench._timing import measure_variant, step_bench_parser, time_steps
 from mmtrain.models.llama3_2_vision._component_builders import llama3_2_vision_encoder
 from mmtrain.modules.attention.sdpa_backend import sdpa_backend, sdpa_backend_order
 
@@ -44,9 +44,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--tiles", type=int, default=4)
     p.add_argument("--no-eager", action="store_true", help="skip the eager mmtrain variant")
-    p.add_argument("--ac", action="store_true", help="also run mmtrain compiled with per-layer activation checkpointing")
+    p.add_argument("--ac", action="store_true",
+                   help="also run mmtrain compiled with per-layer activation checkpointing")
     p.add_argument("--no-torchtune", action="store_true", help="do not run torchtune even if importable")
-    p.add_argument("--torchtune-last", action="store_true", help="run torchtune after the mmtrain variants (default: first)")
+    p.add_argument("--torchtune-last", action="store_true",
+                   help="run torchtune after the mmtrain variants (default: first)")
     p.add_argument("--sdpa-backends", default="auto,cudnn",
                    help="comma list: the mmtrain variants run once per SDPA kernel preference (auto = torch's order; "
                         "cudnn/flash/efficient/math first)")
@@ -81,19 +83,13 @@ def _run_variant(name: str, build: Callable[[], nn.Module], args: argparse.Names
                  device: torch.device, dtype: torch.dtype, compile_layers: bool, ac: bool,
                  sdpa: str = "auto") -> dict[str, Any]:
     # compile included: a compiled graph keeps the attention kernel chosen while it was traced
-    try:
+    def measure() -> dict[str, Any]:
         with sdpa_backend(sdpa):
             result = _measure_variant(name, build, args, cfg, device, dtype, compile_layers, ac)
-    except Exception as err:  # noqa: BLE001 - one variant failing (OOM, a compile error) must not cost the others
-        result = {"name": name, "error": f"{type(err).__name__}: {err}"[:2000], "step_s_median": None,
-                  "tiles_per_s": None, "flops_per_step": None, "tflops_per_s": None, "peak_memory_gib": None}
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    result["sdpa_backend"] = sdpa
-    # One line per variant as it finishes, so a run cut off by a time limit still reports what it measured.
-    print(json.dumps({k: v for k, v in result.items() if k != "config"}), flush=True)
-    return result
+        return {**result, "sdpa_backend": sdpa}
+
+    return measure_variant(name, measure, sdpa_backend=sdpa, step_s_median=None, tiles_per_s=None,
+                           flops_per_step=None, tflops_per_s=None, peak_memory_gib=None)
 
 
 def _measure_variant(name: str, build: Callable[[], nn.Module], args: argparse.Namespace, cfg: dict[str, Any],

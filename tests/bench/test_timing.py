@@ -1,4 +1,7 @@
-"""time_steps: warm-up calls untimed, one duration per timed call, CUDA events when on a GPU."""
+"""time_steps: warm-up calls untimed, one duration per timed call, CUDA events when on a GPU; measure_variant: a
+failing variant becomes a record, not an exception."""
+
+import json
 
 import pytest
 import torch
@@ -18,3 +21,17 @@ def test_cuda_events_time_each_queued_step():
     x = torch.randn(2048, 2048, device="cuda")
     times = time_steps(lambda: x @ x, warmup=1, steps=4, device=torch.device("cuda"))
     assert len(times) == 4 and all(t > 0 for t in times)
+
+
+def test_a_failing_variant_is_recorded_and_printed_not_raised(capsys):
+    from mmtrain.bench._timing import measure_variant
+
+    def broken():
+        raise RuntimeError("compile failed")
+
+    failed = measure_variant("mmtrain_compiled", broken, tiles_per_s=None)
+    assert failed == {"name": "mmtrain_compiled", "error": "RuntimeError: compile failed", "tiles_per_s": None}
+    ok = measure_variant("mmtrain", lambda: {"name": "mmtrain", "samples_per_s": 2.0, "config": {"big": 1}})
+    assert ok["config"] == {"big": 1}
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [failed, {"name": "mmtrain", "samples_per_s": 2.0}]  # one line each, config left out
