@@ -143,9 +143,6 @@ class ContrastiveRecipe:
         if not isinstance(decode_on_device, bool):
             raise ConfigError(f"decode_on_device: expected true or false, got {decode_on_device!r}")
         self.train_set = instantiate(cfg.dataset, split="train")
-        if decode_on_device and not hasattr(self.train_set, "_source_of"):
-            raise ConfigError(f"decode_on_device: needs an image folder dataset (dataset=image_folder), got "
-                              f"{type(self.train_set).__name__}")
         self.val_set = instantiate(cfg.dataset, split="validation")
         self.loader = build_contrastive_loader(
             self.train_set, self.tokenizer, batch_size=self.split.micro_batch_size, shuffle=True,

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from mmtrain.data.loader import ContrastiveCollator, TransformedDataset, _mix
-from mmtrain.errors import DataError
+from mmtrain.errors import ConfigError, DataError
 
 __all__ = ["DeviceImageDecoder", "EncodedCollator", "EncodedImageDataset"]
 
@@ -46,9 +46,10 @@ class EncodedImageDataset(TransformedDataset):
 
     def __init__(self, dataset, image_transform, seed: int = 0) -> None:
         if not hasattr(dataset, "_source_of"):
-            raise TypeError(f"decode_on_device needs an image folder dataset, got {type(dataset).__name__}")
+            raise ConfigError(f"decode_on_device: needs an image folder dataset (dataset=image_folder), got "
+                              f"{type(dataset).__name__}")
         if not getattr(image_transform, "train", False):
-            raise TypeError("decode_on_device applies to the training transform only")
+            raise ConfigError("decode_on_device: applies to the training transform only")
         super().__init__(dataset, image_transform, seed=seed)
 
     def __getitem__(self, index: int) -> dict | None:

@@ -13,7 +13,7 @@ from PIL import Image
 from mmtrain.data.image_folder import image_folder_dataset
 from mmtrain.data.loader import build_contrastive_loader
 from mmtrain.data.tokenizers import shapes_tokenizer
-from mmtrain.errors import DataError
+from mmtrain.errors import ConfigError, DataError
 
 
 def _folder(root, kinds):
@@ -108,18 +108,17 @@ def test_a_batch_with_no_decodable_image_is_a_data_error(tmp_path):
 def test_decode_on_device_needs_an_image_folder_and_the_training_transform(tmp_path):
     from mmtrain.data.shapes import shapes_dataset
 
-    with pytest.raises(TypeError, match="needs an image folder dataset"):
+    with pytest.raises(ConfigError, match="decode_on_device: needs an image folder dataset"):
         build_contrastive_loader(shapes_dataset("train", train_samples=8, image_size=16), shapes_tokenizer(12),
                                  batch_size=4, decode_on_device="cpu")
     dataset = _folder(tmp_path, ["jpeg"])
-    with pytest.raises(TypeError, match="training transform only"):
+    with pytest.raises(ConfigError, match="training transform only"):
         build_contrastive_loader(dataset, shapes_tokenizer(12), dataset.make_transform(train=False), batch_size=1,
                                  decode_on_device="cpu")
 
 
 def test_contrastive_recipe_with_decode_on_device_trains_exactly_like_worker_decoding(tmp_path):
     from mmtrain.data.image_folder import write_image_folder
-    from mmtrain.errors import ConfigError
     from tests.recipes.test_contrastive import _events, _recipe, tiny_cfg
 
     rng = np.random.default_rng(1)
