@@ -9,9 +9,8 @@ Paths measured (each a row of the table and an entry of the JSON):
 - ``cpu_uint8``: the same with the recipe's ``normalize_on_device``: workers hand over uint8 pixels (a quarter
   of the bytes through shared memory, pinning and the copy), normalized once on the device.
 - ``decode_on_device``: the recipe's ``decode_on_device=true`` loader: workers read JPEG bytes and draw crops,
-  ``loader.device_decoder`` decodes (nvJPEG on CUDA), crops and flips on the device (on CPU without CUDA).
-- ``gpu`` (CUDA only): workers only read file bytes; ``torchvision.io.decode_jpeg(device="cuda")`` decodes the
-  batch on the GPU, then crop/flip/resize/normalize run on CUDA tensors (torchvision v2 functionals).
+  ``loader.device_decoder`` decodes (nvJPEG on CUDA), crops and flips on the device (on CPU without CUDA). It
+  replaces the ``gpu`` path of earlier runs, a benchmark-only loop doing the same on CUDA.
 
 Without ``--path`` a temporary folder of random-content JPEGs (``--num-images`` at ``--source-size``) is written
 first. ``--smoke`` is a tiny CPU run for tests.
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import tempfile
 import time
@@ -40,8 +38,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--num-batches", type=int, default=20, help="timed batches (after one warm-up batch)")
-    parser.add_argument("--paths", default="cpu,cpu_uint8,decode_on_device,gpu",
-                        help="comma list of cpu,cpu_uint8,decode_on_device,gpu (gpu: CUDA only)")
+    parser.add_argument("--paths", default="cpu,cpu_uint8,decode_on_device",
+                        help="comma list of cpu,cpu_uint8,decode_on_device")
     parser.add_argument("--no-draft-decode", action="store_true",
                         help="decode JPEGs at full size (default: reduced-scale decode where the crop allows)")
     parser.add_argument("--out", default="bench_results/data.json")
@@ -119,68 +117,6 @@ def bench_cpu(path: str, args, normalize_on_device: bool = False, decode_on_devi
             "draft_decode": not args.no_draft_decode}
 
 
-def _as_list(samples):
-    return samples
-
-
-class _FileBytes(torch.utils.data.Dataset):
-    """Raw encoded bytes (uint8 (n,)) + caption: decoding happens on the GPU."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        import torchvision
-
-        source, _ = self.dataset._source_of(index)
-        data = torchvision.io.read_file(source) if isinstance(source, str) else torch.frombuffer(bytearray(source), dtype=torch.uint8)
-        return data, self.dataset.captions[index]
-
-
-def bench_gpu(path: str, args) -> dict:
-    import torchvision
-    from torchvision.transforms.v2 import functional as F
-
-    from mmtrain.data.image_folder import image_folder_dataset
-    from mmtrain.data.tokenizers import shapes_tokenizer
-    from mmtrain.data.transforms import ContrastiveImageTransform
-
-    device = torch.device("cuda")
-    dataset = image_folder_dataset("train", path=path, image_size=args.image_size)
-    tokenizer = shapes_tokenizer(16)
-    crop = ContrastiveImageTransform(args.image_size, train=True, scale=(0.35, 1.0))
-    mean = torch.tensor(crop.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(crop.std, device=device).view(1, 3, 1, 1)
-    loader = torch.utils.data.DataLoader(
-        _FileBytes(dataset), batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
-        collate_fn=_as_list, drop_last=True, persistent_workers=args.num_workers > 0,
-    )
-    rng = random.Random(0)
-
-    def batches():
-        while True:
-            for samples in loader:
-                datas, texts = zip(*samples)
-                decoded = torchvision.io.decode_jpeg(list(datas), device=device, mode=torchvision.io.ImageReadMode.RGB)
-                out = []
-                for image, text in zip(decoded, texts):
-                    top, left, h, w = crop.crop_params(image.shape[-2], image.shape[-1], rng)
-                    image = F.resized_crop(image, top, left, h, w, [args.image_size] * 2, antialias=True)
-                    if rng.random() < 0.5 and crop.flip_allowed(text):
-                        image = F.horizontal_flip(image)
-                    out.append(image)
-                pixels = (torch.stack(out).float().div_(255) - mean) / std
-                tokens = tokenizer(list(texts))
-                yield {"pixel_values": pixels, "input_ids": tokens["input_ids"].to(device, non_blocking=True)}
-
-    seconds, images = _time_batches(batches(), args.num_batches, torch.cuda.synchronize)
-    return {"path": "gpu", "images": images, "seconds": seconds, "images_per_s": images / seconds,
-            "num_workers": args.num_workers, "device": torch.cuda.get_device_name()}
-
-
 def main(argv: list[str] | None = None) -> int:
     # Worker batches travel through shared-memory files, not passed file descriptors: the GPU machine's
     # descriptor passing failed with EBADF under many workers.
@@ -199,12 +135,6 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(bench_cpu(path, args, normalize_on_device=name != "cpu",
                                          decode_on_device=name == "decode_on_device"))
                 print(json.dumps(results[-1]), flush=True)
-        if "gpu" in wanted:
-            if torch.cuda.is_available():
-                results.append(bench_gpu(path, args))
-                print(json.dumps(results[-1]), flush=True)
-            else:
-                print("gpu path skipped: CUDA is not available")
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
