@@ -3,25 +3,14 @@ skip, normalize_on_device=auto -> uint8 from workers, sdpa_backend) train like t
 and a compiled CLIP step gives eager's losses within bf16 noise. Skipped without CUDA (run with ``pytest -m gpu``).
 """
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.recipes.test_contrastive import _events, tiny_cfg
+from tests.recipes.test_contrastive import _events, _recipe, tiny_cfg
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "contrastive.py"
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("contrastive_recipe_cuda_test", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _cuda_cfg(path, **overrides):
