@@ -1,12 +1,12 @@
 """JPEG decode and augmentation on the training device: DataLoader workers only read file bytes and draw each
-sample's crop, so a CPU-starved loader stops limiting the step (the ``decode_on_device`` recipe key).
+sample's crop, so that a CPU-starved loader need not limit the step (the ``decode_on_device`` recipe key).
 
 Worker item (``EncodedImageDataset[index]``), one of:
 
     {"encoded": uint8 (n_bytes,), "crop": long (4,) top/left/height/width, "flip": bool, "text", "index"}
     {"pixel_values": uint8 (3, S, S), "text", "index"}   a file the device path does not take (PNG, CMYK or
                                                          EXIF-rotated JPEG...), decoded and cropped on the CPU
-    None                                                 unreadable header (counted as skipped, as on the CPU path)
+    None                                                 unreadable (skipped and counted by the CPU path)
 
 Batch (``EncodedCollator``): ``encoded`` list of n_enc uint8 tensors, ``crops`` long (n_enc, 4), ``flips`` bool
 (n_enc,), ``encoded_positions`` long (n_enc,), ``cpu_pixels`` uint8 (n_cpu, 3, S, S), ``cpu_positions`` long
@@ -53,16 +53,14 @@ class EncodedImageDataset(TransformedDataset):
         super().__init__(dataset, image_transform, seed=seed)
 
     def __getitem__(self, index: int) -> dict | None:
-        source, name = self.dataset._source_of(index)
+        source, _ = self.dataset._source_of(index)
         text = self.dataset.captions[index]
         seed = _mix(self.seed, self.epoch, index)
         try:
             data = None if isinstance(source, Image.Image) else _read_bytes(source)
             header = None if data is None else _jpeg_header(data, getattr(self.dataset, "max_image_pixels", None))
-        except Exception as error:  # noqa: BLE001 - unreadable header: skipped and counted, as decode_image does
-            self.dataset.num_skipped += 1
-            logger.warning("skipping unreadable image %s: %s: %s", name, type(error).__name__, error)
-            return None
+        except Exception:  # noqa: BLE001 - unreadable here: the CPU path decides (it skips and counts what fails)
+            header = None
         if header is None:  # not a plain RGB/grayscale JPEG: the CPU path decodes it
             item = super().__getitem__(index)
             return None if item is None else {"pixel_values": item["pixel_values"], "text": text, "index": index}
@@ -83,7 +81,8 @@ def _read_bytes(source) -> bytes:
 
 
 def _jpeg_header(data: bytes, max_image_pixels: int | None) -> tuple[int, int] | None:
-    """(width, height) of a JPEG the device decoder takes as is, None for any other image; raises if unreadable."""
+    """(width, height) of a JPEG the device decoder takes as is, None for any other image; raises if unreadable
+    or over the pixel limit."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = Image.open(io.BytesIO(data))

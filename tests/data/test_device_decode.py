@@ -17,7 +17,7 @@ from mmtrain.errors import ConfigError, DataError
 
 
 def _folder(root, kinds):
-    """One image per entry of ``kinds``: jpeg, gray, png, cmyk, rotated, truncated."""
+    """One image per entry of ``kinds``: jpeg, gray, png, cmyk, rotated, truncated, garbage."""
     split = root / "train"
     split.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -40,7 +40,8 @@ def _folder(root, kinds):
             buffer = io.BytesIO()
             image.save(buffer, "JPEG", quality=90)
             data = buffer.getvalue()
-            (split / name).write_bytes(data[: len(data) // 2] if kind == "truncated" else data)
+            data = data[: len(data) // 2] if kind == "truncated" else b"not an image" if kind == "garbage" else data
+            (split / name).write_bytes(data)
         side = "left" if i % 3 == 0 else "right" if i % 3 == 1 else "up"  # captions that forbid a flip too
         lines.append(json.dumps({"file_name": name, "text": f"photo {i} {side} {kind}"}))
     (split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
@@ -144,3 +145,12 @@ def test_contrastive_recipe_with_decode_on_device_trains_exactly_like_worker_dec
     shapes = tiny_cfg(tmp_path / "shapes", decode_on_device=True)
     with pytest.raises(ConfigError, match="decode_on_device: needs an image folder dataset"):
         recipe.main(shapes)
+
+
+def test_unreadable_or_oversized_files_are_skipped_and_counted_by_the_cpu_path(tmp_path):
+    dataset = _folder(tmp_path, ["garbage", "jpeg", "jpeg"])
+    items = _loader(dataset, True).dataset
+    assert items[0] is None and dataset.num_skipped == 1
+    assert "encoded" in items[1]
+    dataset.max_image_pixels = 100  # every image is over the limit now: decompression-bomb rule, read from the header
+    assert items[1] is None and dataset.num_skipped == 2
