@@ -105,15 +105,21 @@ class AttentionMask:
         return self.values.is_sparse
 
 
-def reject_ignored_masks(mechanism: torch.nn.Module, fourth: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def reject_ignored_masks(mechanism: torch.nn.Module, fourth: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                         att_mask: Any = None) -> None:
     """Raise where a forward would silently ignore a mask handed to it.
 
     xFormers' forwards end in ``*args, **kwargs`` and drop whatever lands there, so a mask passed one position too
     far (``attn(q, k, v, att_mask, key_padding_mask)``) or under a foreign name (``attn_mask=``) did nothing. Here a
     tensor or ``AttentionMask`` among the extra positionals or unknown keywords is an error; other extras stay
     accepted and ignored, for xFormers' call compatibility. ``fourth`` names the mechanism's 4th positional parameter.
+    ``att_mask``: the one the forward received, an error for a mechanism with ``supports_attention_mask`` False.
     """
     name = type(mechanism).__name__
+    takes_no_att_mask = ValueError(f"{name} takes no att_mask (supports_attention_mask is False); "
+                                   "pass padding as key_padding_mask=")
+    if att_mask is not None and not getattr(mechanism, "supports_attention_mask", True):
+        raise takes_no_att_mask
     for position, value in enumerate(args, start=5):
         if isinstance(value, (torch.Tensor, AttentionMask)):
             raise TypeError(
@@ -123,8 +129,7 @@ def reject_ignored_masks(mechanism: torch.nn.Module, fourth: str, args: tuple[An
     for key, value in kwargs.items():
         if isinstance(value, (torch.Tensor, AttentionMask)):
             if key == "att_mask":
-                raise ValueError(f"{name} takes no att_mask (supports_attention_mask is False); "
-                                 "pass padding as key_padding_mask=")
+                raise takes_no_att_mask
             raise TypeError(f"{name}.forward got an unexpected mask argument {key!r}, which it would ignore "
                             f"(masks: {fourth}{'' if fourth == 'key_padding_mask' else ', key_padding_mask'})")
 

@@ -119,10 +119,7 @@ class FavorAttention(Attention):
         """``att_mask`` is named only so that a mask passed 4th (where the other mechanisms take it) raises instead
         of landing in ``*args`` unseen: FavorAttention takes a ``key_padding_mask`` (by keyword) and no attention mask.
         """
-        if att_mask is not None:
-            raise ValueError("FavorAttention takes no att_mask (supports_attention_mask is False); "
-                             "pass padding as key_padding_mask=")
-        reject_ignored_masks(self, "att_mask", args, kwargs)
+        reject_ignored_masks(self, "att_mask", args, kwargs, att_mask=att_mask)
         if self.training and self.iter_before_redraw is not None:
             if self._calls_since_redraw >= self.iter_before_redraw:
                 self.feature_map.redraw(q.shape[-1], q.device)

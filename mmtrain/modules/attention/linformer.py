@@ -56,10 +56,7 @@ class LinformerAttention(Attention):
         """``att_mask`` is named only so that a mask passed 4th (where the other mechanisms take it) raises instead
         of landing in ``*args`` unseen: LinformerAttention takes a ``key_padding_mask`` (by keyword) and no attention mask.
         """
-        if att_mask is not None:
-            raise ValueError("LinformerAttention takes no att_mask (supports_attention_mask is False); "
-                             "pass padding as key_padding_mask=")
-        reject_ignored_masks(self, "att_mask", args, kwargs)
+        reject_ignored_masks(self, "att_mask", args, kwargs, att_mask=att_mask)
         s_k = k.shape[-2]
         if s_k > self.seq_len:
             raise ValueError(f"LinformerAttention was built for seq_len={self.seq_len}, got a sequence of {s_k}")
