@@ -5,6 +5,7 @@ Shapes: ``q: (*batch, S_q, D)``, ``k, v: (*batch, S_k, D)`` -> ``(*batch, S_q, D
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -134,6 +135,14 @@ def reject_ignored_masks(mechanism: torch.nn.Module, fourth: str, args: tuple[An
                             f"(masks: {fourth}{'' if fourth == 'key_padding_mask' else ', key_padding_mask'})")
 
 
+def broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target`` (no dimension of ``target`` grows)."""
+    try:
+        return torch.broadcast_shapes(tuple(shape), tuple(target)) == torch.Size(target)
+    except RuntimeError:
+        return False
+
+
 def shape_key_padding_mask(key_padding_mask: torch.Tensor, q: torch.Tensor, s_k: int,
                            given: tuple[int, ...] | None = None) -> torch.Tensor:
     """The key padding mask (any dtype, kept) reshaped to broadcast against ``(*batch, 1, S_k)``.
@@ -163,11 +172,7 @@ def shape_key_padding_mask(key_padding_mask: torch.Tensor, q: torch.Tensor, s_k:
         kpm = kpm.reshape(kpm.shape[0], *([1] * (q.ndim - 2)), s_k)
     if kpm.ndim == q.ndim - 1:
         kpm = kpm.unsqueeze(-2)
-    try:
-        fits = torch.broadcast_shapes(kpm.shape, target) == torch.Size(target)
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not broadcasts_to(kpm.shape, target):
         raise ValueError(f"key_padding_mask of shape {given} does not fit inputs of shape {tuple(q.shape)}: "
                          f"expected {expected}")
     return kpm

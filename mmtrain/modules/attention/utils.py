@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mmtrain.modules.attention.core import AttentionMask
+from mmtrain.modules.attention.core import AttentionMask, broadcasts_to
 from mmtrain.modules.attention.nystrom import iterative_pinv
 
 __all__ = ["iterative_pinv", "maybe_merge_masks", "reshape_key_padding_mask"]
@@ -74,11 +74,7 @@ def maybe_merge_masks(
     target = (batched_dim, tgt_len, src_len)
     if values.ndim == 3 and values.shape[0] == batch_size and batch_size != batched_dim:
         values = values.repeat_interleave(num_heads, dim=0)  # (B, T, S) -> (B * H, T, S), sample-major as kpm
-    try:
-        fits = torch.broadcast_shapes(values.shape, target) == torch.Size(target)
-    except RuntimeError:
-        fits = False
-    if not fits:
+    if not broadcasts_to(values.shape, target):
         raise ValueError(f"att_mask of shape {tuple(values.shape)} does not broadcast to (batch_size * num_heads, "
                          f"tgt_len, src_len) = {target}")
 
