@@ -293,6 +293,17 @@ def _results(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
 
 
+def _judge(row: dict[str, Any], met: bool, mismatch: str | None, notes: list[str]) -> dict[str, Any]:
+    """Settle a measured row: not measured when its shapes are not the target's (the mismatch is the reason),
+    else met or not met, with the notes as its reason."""
+    if mismatch:
+        row["reason"] = "; ".join([mismatch] + notes)
+        return row
+    row["status"] = MET if met else NOT_MET
+    row["reason"] = "; ".join(notes) or None
+    return row
+
+
 def _best(rows: list[dict[str, Any]], metric: str, prefix: str = "mmtrain") -> dict[str, Any] | None:
     measured = [r for r in rows if str(r.get("name", "")).startswith(prefix) and _number(r.get(metric)) is not None]
     return max(measured, key=lambda r: r[metric], default=None)
@@ -410,12 +421,7 @@ def _vision_row(report, runs) -> dict[str, Any]:
     config = report.get("config") if isinstance(report.get("config"), dict) else {}
     mismatch = _shape_mismatch({**shape, **config, "smoke": report.get("smoke")},
                                {"images": 4, "tiles": 4, "clip_embed_dim": 1280, "clip_num_layers": 32})
-    if mismatch:
-        row["reason"] = "; ".join([mismatch] + notes)
-        return row
-    row["status"] = MET if ratio >= VISION_TARGET_RATIO else NOT_MET
-    row["reason"] = "; ".join(notes) or None
-    return row
+    return _judge(row, ratio >= VISION_TARGET_RATIO, mismatch, notes)
 
 
 def _data_row(report, runs) -> dict[str, Any]:
@@ -433,13 +439,8 @@ def _data_row(report, runs) -> dict[str, Any]:
     row["mmtrain"] = f"{best['images_per_s']:.0f} images/s ({best.get('path')}, {best.get('num_workers')} workers)"
     row["values"].update(images_per_s=best["images_per_s"], path=best.get("path"))
     row["result"] = f"{best['images_per_s']:.0f} images/s"
-    mismatch = _shape_mismatch(report, {"image_size": 224})
-    if mismatch:
-        row["reason"] = "; ".join([mismatch] + notes)
-        return row
-    row["status"] = MET if best["images_per_s"] >= DATA_TARGET_IMAGES_PER_S else NOT_MET
-    row["reason"] = "; ".join(notes) or None
-    return row
+    return _judge(row, best["images_per_s"] >= DATA_TARGET_IMAGES_PER_S, _shape_mismatch(report, {"image_size": 224}),
+                  notes)
 
 
 def _e2e_row(report, runs) -> dict[str, Any]:
@@ -471,13 +472,8 @@ def _e2e_row(report, runs) -> dict[str, Any]:
     fraction = e2e["samples_per_s"] / step["samples_per_s"]
     row["values"]["fraction"] = fraction
     row["result"] = f"{fraction:.0%}"
-    mismatch = _shape_mismatch(report, {"batch": 256, "image_size": 224})
-    if mismatch:
-        row["reason"] = "; ".join([mismatch] + notes)
-        return row
-    row["status"] = MET if fraction >= E2E_TARGET_FRACTION else NOT_MET
-    row["reason"] = "; ".join(notes) or None
-    return row
+    return _judge(row, fraction >= E2E_TARGET_FRACTION, _shape_mismatch(report, {"batch": 256, "image_size": 224}),
+                  notes)
 
 
 def _tiled_row(report, runs) -> dict[str, Any]:
@@ -502,14 +498,8 @@ def _tiled_row(report, runs) -> dict[str, Any]:
     if oom:
         row["values"]["errors"] = oom
         row["result"] = (row["result"] + "; " if row["result"] else "") + f"{', '.join(oom)} did not fit"
-    mismatch = _shape_mismatch(report, {"batch": batch, "dim": dim})
-    if mismatch:
-        row["reason"] = "; ".join([mismatch] + notes)
-        return row
     over = bool(oom) or row["values"].get("worst_peak_gib", 0.0) > TILED_TARGET_GIB
-    row["status"] = NOT_MET if over else MET
-    row["reason"] = "; ".join(notes) or None
-    return row
+    return _judge(row, not over, _shape_mismatch(report, {"batch": batch, "dim": dim}), notes)
 
 
 def _attention_rows(report, runs) -> list[dict[str, Any]]:
