@@ -9,8 +9,15 @@ head dim 128, bf16, S in 1k..16k). For each sequence length it times, in the sam
 - each mechanism, and for the pattern ones (local, random, global) also ``<name>_masked_reference``: SDPA with the
   mechanism's pattern materialized as an ``S x S`` mask; the mechanism's output is checked against it.
 
-Time: CUDA events after warm-up, median of ``--iters`` runs of forward + backward. Memory: peak allocated during one
-forward + backward, above what the inputs already hold. TFLOP/s counts useful FLOPs only (attended query-key pairs,
+The approximations run compiled (``torch.compile`` of the module, as the recipes' regional compile runs them, one
+compile per length) and, as ``<name>_eager``, uncompiled; ``--approx-modes`` picks. The pattern mechanisms always run
+their compiled FlexAttention kernels. ``--local-variant NAME=JSON`` adds a ``local[NAME]`` row with FlexAttention
+tuning: ``{"kernel_options": {...}, "block_size": 64, "mode": "max-autotune-no-cudagraphs"}`` (a variant whose
+kernel fails is recorded as an error, not as the masked fallback's time).
+
+Time: CUDA events around each forward + backward after warm-up, recorded back to back without a host sync in the
+timed loop (the calls queue as they do in training, as in the step benchmarks), median of ``--iters``. Memory: peak
+allocated during one more forward + backward, above what the inputs already hold. TFLOP/s counts useful FLOPs only (attended query-key pairs,
 ``4 D`` per pair forward, x3.5 for forward + backward); approximations (linformer, nystrom, orthoformer, favor) get
 none. Runs that do not fit are recorded as ``"oom"``. ``--smoke`` (and any run without CUDA) is a tiny float32 CPU
 version for tests. Prints a table and writes JSON to ``--out``.
@@ -24,13 +31,13 @@ import math
 import pathlib
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from mmtrain.bench._timing import time_steps
 from mmtrain.modules.attention import (
     FavorAttention,
     GlobalAttention,
@@ -41,11 +48,22 @@ from mmtrain.modules.attention import (
     RandomAttention,
     ScaledDotProduct,
 )
-from mmtrain.modules.attention.pattern import PatternAttention
+from mmtrain.modules.attention.pattern import PatternAttention, set_flex_compile_mode
 
 FORWARD_BACKWARD_FLOP_FACTOR = 3.5  # backward ~ 2.5x forward, the convention of FlashAttention's benchmarks
 PATTERN_MECHANISMS = ("local", "random", "global")
 ALL_MECHANISMS = ("local", "random", "global", "linformer", "nystrom", "favor", "orthoformer")
+APPROX_MODES = ("compiled", "eager")
+
+
+def _local_variant(text: str) -> tuple[str, dict[str, Any]]:
+    name, _, spec = text.partition("=")
+    variant = json.loads(spec) if spec else {}
+    unknown = set(variant) - {"kernel_options", "block_size", "mode"}
+    if not name or not isinstance(variant, dict) or unknown:
+        raise argparse.ArgumentTypeError(
+            f"--local-variant takes NAME=JSON with keys kernel_options, block_size, mode; got {text!r}")
+    return name, variant
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -59,12 +77,19 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--no-references", action="store_true", help="skip sdpa_masked, naive and masked references")
+    parser.add_argument("--approx-modes", type=lambda s: s.split(","), default=list(APPROX_MODES),
+                        help="how the approximations run: compiled (rows <name>), eager (rows <name>_eager)")
+    parser.add_argument("--local-variant", type=_local_variant, action="append", default=[], metavar="NAME=JSON",
+                        help="extra local-attention row with FlexAttention tuning (repeatable)")
     parser.add_argument("--out", default="bench_results/attention.json")
     parser.add_argument("--smoke", action="store_true", help="tiny float32 run on CPU (for tests)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.mechanisms) - set(ALL_MECHANISMS))
     if unknown:
         parser.error(f"unknown mechanisms {unknown}; choose from {', '.join(ALL_MECHANISMS)}")
+    unknown = sorted(set(args.approx_modes) - set(APPROX_MODES))
+    if unknown or not args.approx_modes:
+        parser.error(f"--approx-modes takes a comma list of {', '.join(APPROX_MODES)}; got {args.approx_modes}")
     return args
 
 
@@ -102,39 +127,20 @@ def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
-class _Timer:
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def measure(self, step: Callable[[], None], warmup: int, iters: int) -> tuple[float, float | None]:
-        """(median milliseconds, peak MiB above the memory held before) of ``step``."""
-        for _ in range(warmup):
-            step()
-        if not self.cuda:
-            times = []
-            for _ in range(iters):
-                start = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - start) * 1e3)
-            return statistics.median(times), None
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(begin.elapsed_time(end))
-        held = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return statistics.median(times), (torch.cuda.max_memory_allocated() - held) / 2**20
+def _measure(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
+    """(median milliseconds, peak MiB above the memory held before; None on CPU) of ``step``."""
+    milliseconds = statistics.median(t * 1e3 for t in time_steps(step, warmup=warmup, steps=iters, device=device))
+    if device.type != "cuda":
+        return milliseconds, None
+    held = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return milliseconds, (torch.cuda.max_memory_allocated() - held) / 2**20
 
 
 def _bench_sequence_length(args: argparse.Namespace, seq_len: int, device: torch.device, dtype: torch.dtype,
-                           batch: int, heads: int, head_dim: int, window: int, timer: _Timer, warmup: int,
+                           batch: int, heads: int, head_dim: int, window: int, warmup: int,
                            iters: int) -> list[dict[str, Any]]:
     """Rows for one sequence length: the baselines, then each mechanism (and its masked reference)."""
     results: list[dict[str, Any]] = []
@@ -145,7 +151,8 @@ def _bench_sequence_length(args: argparse.Namespace, seq_len: int, device: torch
     grad_out = torch.randn(shape, device=device, dtype=dtype, generator=generator)
 
     def record(name: str, forward: Callable[[], torch.Tensor], pairs: int | None,
-               reference_of: str | None = None) -> torch.Tensor | None:
+               reference_of: str | None = None, fell_back: Callable[[], bool] = lambda: False,
+               **extra: Any) -> torch.Tensor | None:
         def step() -> None:
             for tensor in (q, k, v):
                 tensor.grad = None
@@ -155,15 +162,19 @@ def _bench_sequence_length(args: argparse.Namespace, seq_len: int, device: torch
                                "tflops": None, "useful_pairs": pairs, "status": "ok"}
         if reference_of:
             row["reference_of"] = reference_of
+        row.update(extra)
         output = None
         try:
-            row["time_ms"], row["peak_mem_mb"] = timer.measure(step, warmup, iters)
+            row["time_ms"], row["peak_mem_mb"] = _measure(step, device, warmup, iters)
             with torch.no_grad():
                 output = forward()
+            if fell_back():
+                row.update(status="error: FlexAttention failed, the masked fallback ran", time_ms=None,
+                           peak_mem_mb=None)
         except torch.OutOfMemoryError:
             row["status"] = "oom"
-        except RuntimeError as err:  # kernels that refuse a size: recorded, not fatal
-            row["status"] = f"error: {' '.join(str(err).split())[:200]}"
+        except Exception as err:  # noqa: BLE001 - kernels that refuse a size or a tuning: recorded, not fatal
+            row["status"] = f"error: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
         finally:
             for tensor in (q, k, v):
                 tensor.grad = None
@@ -177,6 +188,8 @@ def _bench_sequence_length(args: argparse.Namespace, seq_len: int, device: torch
         print(json.dumps(row), flush=True)
         return output
 
+    # On CPU (--smoke) the compiled rows trace through TorchDynamo only: inductor's C++ build would dominate a test.
+    compile_backend = "inductor" if device.type == "cuda" else "eager"
     dense = ScaledDotProduct()
     record("sdpa", lambda: dense(q, k, v), seq_len * seq_len)
     if not args.no_references:
@@ -189,17 +202,47 @@ def _bench_sequence_length(args: argparse.Namespace, seq_len: int, device: torch
         attention = _build(name, seq_len, heads, head_dim, window).to(device)
         if name == "linformer":
             attention = attention.to(dtype)
-        pairs = _count_pairs(attention, seq_len, device) if isinstance(attention, PatternAttention) else None
-        output = record(name, lambda attention=attention: attention(q, k, v), pairs)
-        if isinstance(attention, PatternAttention) and not args.no_references:
+        if not isinstance(attention, PatternAttention):
+            for mode in args.approx_modes:
+                # One compiled module per length: its kernels are specialized to the shape, as in a recipe's run.
+                module = attention if mode == "eager" else torch.compile(attention, backend=compile_backend,
+                                                                         dynamic=False)
+                record(name if mode == "compiled" else f"{name}_eager",
+                       lambda module=module: module(q, k, v), None, mode=mode)
+            continue
+        pairs = _count_pairs(attention, seq_len, device)
+        output = record(name, lambda attention=attention: attention(q, k, v), pairs,
+                        fell_back=lambda attention=attention: attention._flex_failed)
+        if name == "local":
+            for variant_name, variant in args.local_variant:
+                _record_local_variant(record, (q, k, v), variant_name, variant, pairs, window)
+        if not args.no_references:
             pattern = attention.pattern(seq_len, seq_len, device=device)
             reference = record(f"{name}_masked_reference",
                                lambda pattern=pattern: F.scaled_dot_product_attention(q, k, v, attn_mask=pattern), pairs,
                                reference_of=name)
             if output is not None and reference is not None:
-                results[-2]["max_abs_err_vs_reference"] = float((output.float() - reference.float()).abs().max())
+                mechanism_row = next(r for r in results if r["mechanism"] == name)
+                mechanism_row["max_abs_err_vs_reference"] = float((output.float() - reference.float()).abs().max())
 
     return results
+
+
+def _record_local_variant(record: Callable[..., Any], q_k_v: tuple[torch.Tensor, ...], name: str,
+                          variant: dict[str, Any], pairs: int, window: int) -> None:
+    """Time a ``local[name]`` row: a fresh LocalAttention with the variant's block size, kernel options and mode."""
+    tuned = LocalAttention(window_size=window)
+    tuned.block_size = int(variant.get("block_size", tuned.block_size))
+    tuned.kernel_options = dict(variant.get("kernel_options", {}))
+    mode = variant.get("mode")
+    if mode:
+        set_flex_compile_mode(mode)
+    try:
+        record(f"local[{name}]", lambda: tuned(*q_k_v), pairs, fell_back=lambda: tuned._flex_failed,
+               variant=variant)
+    finally:
+        if mode:
+            set_flex_compile_mode(None)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -212,7 +255,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device, dtype = torch.device("cuda"), torch.bfloat16
         seq_lens, batch, heads, head_dim, window = args.seq_lens, args.batch, args.heads, args.head_dim, args.window
         warmup, iters = args.warmup, args.iters
-    timer = _Timer(device)
     if not smoke:
         # Every (pattern, sequence length) compiles its own FlexAttention kernel; the default limit of 8 per function
         # would send later ones to the eager (materializing) path.
@@ -222,7 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
 
     for seq_len in seq_lens:
-        results.extend(_bench_sequence_length(args, seq_len, device, dtype, batch, heads, head_dim, window, timer,
+        results.extend(_bench_sequence_length(args, seq_len, device, dtype, batch, heads, head_dim, window,
                                               warmup, iters))
 
     return {

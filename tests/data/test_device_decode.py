@@ -154,3 +154,20 @@ def test_unreadable_or_oversized_files_are_skipped_and_counted_by_the_cpu_path(t
     assert "encoded" in items[1]
     dataset.max_image_pixels = 100  # every image is over the limit now: decompression-bomb rule, read from the header
     assert items[1] is None and dataset.num_skipped == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_on_cuda_gives_the_cpu_crops_within_decoder_rounding(tmp_path):
+    """nvJPEG's inverse DCT and upsampling round differently from libjpeg's: the same crops, within a few levels."""
+    dataset = _folder(tmp_path, ["jpeg", "gray", "jpeg", "png", "jpeg", "rotated", "jpeg", "jpeg"])
+    plain = _host_batches(_loader(dataset, False))
+    loader = build_contrastive_loader(dataset, shapes_tokenizer(12), batch_size=8, shuffle=True, seed=3, num_workers=0,
+                                      normalize_on_device=True, decode_on_device=torch.device("cuda"))
+    on_cuda = _host_batches(loader)
+    assert len(plain) == len(on_cuda) == 1
+    a, b = plain[0], on_cuda[0]
+    assert b["pixel_values"].is_cuda and b["pixel_values"].dtype == torch.uint8
+    assert torch.equal(a["index"], b["index"].cpu())
+    difference = (a["pixel_values"].int() - b["pixel_values"].cpu().int()).abs()
+    assert difference.float().mean() < 2.0 and difference.max() <= 40, (difference.float().mean(), difference.max())

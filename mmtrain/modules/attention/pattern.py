@@ -38,7 +38,16 @@ _CHUNK_ELEMENTS = 1 << 21
 
 _MAX_CACHED_BLOCK_MASKS = 16
 
-_flex_state: dict[str, Any] = {}
+_flex_state: dict[str, Any] = {"mode": None}
+
+DEFAULT_BLOCK_SIZE = 128
+
+
+def set_flex_compile_mode(mode: str | None) -> None:
+    """Compile mode of the FlexAttention kernels from now on (None: torch.compile's default;
+    ``"max-autotune-no-cudagraphs"`` autotunes block sizes, warps and stages per shape at a compile-time cost)."""
+    _flex_state.clear()
+    _flex_state["mode"] = mode
 
 
 def flex_functions() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
@@ -52,16 +61,17 @@ def flex_functions() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
         except ImportError:  # pragma: no cover - torch >= 2.5 has it
             _flex_state["fns"] = None
         else:
-            _flex_state["fns"] = (torch.compile(flex_attention), torch.compile(create_block_mask))
+            _flex_state["fns"] = (torch.compile(flex_attention, mode=_flex_state["mode"]),
+                                  torch.compile(create_block_mask))
     return _flex_state["fns"]
 
 
 def make_block_mask(keep4: Callable[..., torch.Tensor], batch: int | None, heads: int | None, s_q: int, s_k: int,
-                    device: torch.device) -> Any:
+                    device: torch.device, block_size: int = DEFAULT_BLOCK_SIZE) -> Any:
     """A FlexAttention block mask for ``keep4(b, h, q_idx, kv_idx)``, built without an ``S_q x S_k`` tensor."""
     fns = flex_functions()
     assert fns is not None
-    return fns[1](keep4, batch, heads, s_q, s_k, device=device)
+    return fns[1](keep4, batch, heads, s_q, s_k, device=device, BLOCK_SIZE=block_size)
 
 
 def normalize_key_padding_mask(key_padding_mask: torch.Tensor | None, q: torch.Tensor,
@@ -131,6 +141,10 @@ class PatternAttention(Attention):
         self.force_sparsity = bool(force_sparsity)
         self._block_masks: dict[tuple[Any, ...], Any] = {}
         self._flex_failed = False
+        # FlexAttention tuning, for benchmarks and experts: the block mask's block side, and kernel options
+        # (torch's FlexKernelOptions: block sizes, warps, stages...) merged over those of ``flex_kernel_options``.
+        self.block_size = DEFAULT_BLOCK_SIZE
+        self.kernel_options: dict[str, Any] | None = None
 
     # -- to implement -------------------------------------------------------------------------------------------
     def make_keep(self, s_q: int, s_k: int, device: torch.device) -> KeepFn:
@@ -147,6 +161,10 @@ class PatternAttention(Attention):
 
     def query_offset(self, s_q: int, s_k: int) -> int:
         return s_k - s_q if self.causal else 0
+
+    def flex_kernel_options(self, s_q: int, s_k: int) -> dict[str, Any]:
+        """Kernel options this pattern guarantees safe for a call without key padding (none by default)."""
+        return {}
 
     # -- shared -------------------------------------------------------------------------------------------------
     def pattern(self, s_q: int, s_k: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
@@ -190,21 +208,27 @@ class PatternAttention(Attention):
         flex_attention = flex_functions()[0]  # type: ignore[index]
         q4, k4, v4 = _to_4d(q), _to_4d(k), _to_4d(v)
         s_q, s_k = q.shape[-2], k.shape[-2]
+        options: dict[str, Any] = {}
         if kpm is None:
+            options.update(self.flex_kernel_options(s_q, s_k))
             cache_key = self.cache_key(s_q, s_k)
-            block_mask = self._block_masks.get((cache_key, q.device)) if cache_key is not None else None
+            if cache_key is not None:
+                cache_key = (cache_key, self.block_size, q.device)
+            block_mask = self._block_masks.get(cache_key) if cache_key is not None else None
             if block_mask is None:
-                block_mask = make_block_mask(lambda b, h, qi, ki: keep(qi, ki), None, None, s_q, s_k, q.device)
+                block_mask = make_block_mask(lambda b, h, qi, ki: keep(qi, ki), None, None, s_q, s_k, q.device,
+                                             self.block_size)
                 if cache_key is not None:
                     if len(self._block_masks) >= _MAX_CACHED_BLOCK_MASKS:  # variable lengths: keep the newest few
                         self._block_masks.pop(next(iter(self._block_masks)))
-                    self._block_masks[(cache_key, q.device)] = block_mask
+                    self._block_masks[cache_key] = block_mask
         else:
             batch, heads = q4.shape[0], q4.shape[1]
             kpm_full = kpm.expand(*q.shape[:-2], 1, s_k).reshape(batch, heads, s_k).contiguous()
             block_mask = make_block_mask(lambda b, h, qi, ki: keep(qi, ki) & kpm_full[b, h, ki], batch, heads, s_q, s_k,
-                                         q.device)
-        out = flex_attention(q4, k4, v4, block_mask=block_mask)
+                                         q.device, self.block_size)
+        options.update(self.kernel_options or {})
+        out = flex_attention(q4, k4, v4, block_mask=block_mask, kernel_options=options or None)
         return out.reshape(*q.shape[:-1], v.shape[-1])
 
     def _chunked_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: KeepFn,
