@@ -15,8 +15,11 @@ their compiled FlexAttention kernels. ``--local-variant NAME=JSON`` adds a ``loc
 tuning: ``{"kernel_options": {...}, "block_size": 64, "mode": "max-autotune-no-cudagraphs"}`` (a variant whose
 kernel fails is recorded as an error, not as the masked fallback's time).
 
-Time: CUDA events around each forward + backward after warm-up, recorded back to back without a host sync in the
-timed loop (the calls queue as they do in training, as in the step benchmarks), median of ``--iters``. Memory: peak
+Time (``time_ms``, what TFLOP/s counts): on CUDA, the forward + backward captured once in a CUDA graph and replayed,
+CUDA events around each replay, median: the device's time without the host's. ``launch_ms``: the same step launched
+from Python back to back (events recorded without a host sync in the timed loop, as in the step benchmarks): at
+batch 1 the host's per-call overhead (TorchDynamo guards, Python, many small kernels) can exceed the device time, and
+this column shows it. A step that cannot be captured is timed by its launches (``timing`` says which). Memory: peak
 allocated during one more forward + backward, above what the inputs already hold. TFLOP/s counts useful FLOPs only (attended query-key pairs,
 ``4 D`` per pair forward, x3.5 for forward + backward); approximations (linformer, nystrom, orthoformer, favor) get
 none. Runs that do not fit are recorded as ``"oom"``. ``--smoke`` (and any run without CUDA) is a tiny float32 CPU
@@ -127,16 +130,50 @@ def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
-def _measure(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> tuple[float, float | None]:
-    """(median milliseconds, peak MiB above the memory held before; None on CPU) of ``step``."""
-    milliseconds = statistics.median(t * 1e3 for t in time_steps(step, warmup=warmup, steps=iters, device=device))
+def _measure(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> dict[str, Any]:
+    """``time_ms``, ``launch_ms``, ``timing`` and ``peak_mem_mb`` of ``step`` (one forward + backward).
+
+    ``launch_ms``: median of back-to-back calls as launched from Python. On CUDA ``time_ms`` is the median replay of
+    the step captured in a CUDA graph: the device's time alone, which at batch 1 the host's launch overhead (guards,
+    Python, small kernels) can exceed; a step that cannot be captured keeps ``launch_ms`` as its time.
+    ``peak_mem_mb``: peak allocated during one more step, above what was held before (None on CPU).
+    """
+    launch_ms = statistics.median(t * 1e3 for t in time_steps(step, warmup=warmup, steps=iters, device=device))
+    figures: dict[str, Any] = {"time_ms": launch_ms, "launch_ms": launch_ms, "timing": "launches",
+                               "peak_mem_mb": None}
     if device.type != "cuda":
-        return milliseconds, None
+        return figures
     held = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
-    return milliseconds, (torch.cuda.max_memory_allocated() - held) / 2**20
+    figures["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - held) / 2**20
+    try:
+        figures["time_ms"] = _graph_replay_ms(step, device, iters)
+        figures["timing"] = "cuda graph"
+    except Exception as err:  # noqa: BLE001 - a step that syncs or allocates on the host cannot be captured
+        figures["timing"] = f"launches (no cuda graph: {type(err).__name__})"
+        torch.cuda.synchronize()
+    return figures
+
+
+def _graph_replay_ms(step: Callable[[], None], device: torch.device, iters: int) -> float:
+    torch.cuda.empty_cache()  # the graph's private pool cannot reuse what the launched steps left cached
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # capture wants its warm-up off the default stream
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+        replays = time_steps(graph.replay, warmup=2, steps=max(iters, 20), device=device)
+        return statistics.median(t * 1e3 for t in replays)
+    finally:
+        del graph
+        torch.cuda.empty_cache()
 
 
 def _bench_sequence_length(args: argparse.Namespace, seq_len: int, device: torch.device, dtype: torch.dtype,
@@ -158,19 +195,19 @@ def _bench_sequence_length(args: argparse.Namespace, seq_len: int, device: torch
                 tensor.grad = None
             forward().backward(grad_out)
 
-        row: dict[str, Any] = {"mechanism": name, "seq_len": seq_len, "time_ms": None, "peak_mem_mb": None,
-                               "tflops": None, "useful_pairs": pairs, "status": "ok"}
+        row: dict[str, Any] = {"mechanism": name, "seq_len": seq_len, "time_ms": None, "launch_ms": None,
+                               "peak_mem_mb": None, "tflops": None, "useful_pairs": pairs, "status": "ok"}
         if reference_of:
             row["reference_of"] = reference_of
         row.update(extra)
         output = None
         try:
-            row["time_ms"], row["peak_mem_mb"] = _measure(step, device, warmup, iters)
+            row.update(_measure(step, device, warmup, iters))
             with torch.no_grad():
                 output = forward()
             if fell_back():
                 row.update(status="error: FlexAttention failed, the masked fallback ran", time_ms=None,
-                           peak_mem_mb=None)
+                           launch_ms=None, peak_mem_mb=None)
         except torch.OutOfMemoryError:
             row["status"] = "oom"
         except Exception as err:  # noqa: BLE001 - kernels that refuse a size or a tuning: recorded, not fatal
@@ -309,12 +346,13 @@ def _format_table(report: dict[str, Any]) -> str:
     title = (f"attention fwd+bwd on {report['device']} ({report['dtype']}, batch {report['batch']}, "
              f"{report['heads']} heads x {report['head_dim']})")
     lines = [title,
-             f"{'mechanism':<28}{'seq':>7}{'ms':>10}{'peak MiB':>11}{'TFLOP/s':>9}  status"]
+             f"{'mechanism':<28}{'seq':>7}{'ms':>10}{'launch ms':>10}{'peak MiB':>11}{'TFLOP/s':>9}  status"]
     for row in report["results"]:
         def fmt(value: Any, spec: str) -> str:
             return "-" if value is None else format(value, spec)
 
         lines.append(f"{row['mechanism']:<28}{row['seq_len']:>7}{fmt(row['time_ms'], '.3f'):>10}"
+                     f"{fmt(row.get('launch_ms'), '.3f'):>10}"
                      f"{fmt(row['peak_mem_mb'], '.1f'):>11}{fmt(row['tflops'], '.3g'):>9}  {row['status']}")
     for key, value in report["summary"].items():
         lines.append(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")

@@ -16,6 +16,12 @@ Batch (``EncodedCollator``): ``encoded`` list of n_enc uint8 tensors, ``crops`` 
 device (``torchvision.io.decode_jpeg``, nvJPEG on CUDA), then the loader's ``pixel_normalizer`` gives floats. A
 file that fails to decode there is dropped from the batch (its text rows too) and counted in ``num_skipped``.
 
+On CUDA the crops are resized together (``mmtrain.data.batched_resize``: two matmuls for the batch, within a level of
+torch's uint8 kernel) because a per-image resize call costs the host more than the device; elsewhere each crop goes
+through torchvision's ``resized_crop``, exactly as in the workers. nvJPEG's batched decode runs on a stream of its
+own: its hardware engine may write its output before work queued on the stream it is given has run, so on the
+training stream it could overwrite memory the queued step still reads (NaN gradients; pytorch/vision#9606).
+
 Crops and flips come from the same per-sample seed and the same draws as ``ContrastiveImageTransform``, so the
 device path crops exactly the regions the CPU path would (pixels differ only by the JPEG decoders' rounding).
 """
@@ -122,18 +128,42 @@ class EncodedCollator(ContrastiveCollator):
 
 
 class DeviceImageDecoder:
-    """Host batch from ``EncodedCollator`` -> the same batch with ``pixel_values`` uint8 (B', 3, S, S) on ``device``."""
+    """Host batch from ``EncodedCollator`` -> the same batch with ``pixel_values`` uint8 (B', 3, S, S) on ``device``.
 
-    def __init__(self, image_size: int, interpolation, device: torch.device | str) -> None:
+    ``batched``: resize all crops of a batch together (default: on CUDA); else one ``resized_crop`` per image.
+    """
+
+    # Crops resized per matmul: bounds the float32 copies (a chunk of 64 crops of 1024 x 1024 pixels is 0.8 GB).
+    chunk = 64
+
+    def __init__(self, image_size: int, interpolation, device: torch.device | str, batched: bool | None = None) -> None:
         self.image_size = int(image_size)
         self.interpolation = interpolation
         self.device = torch.device(device)
+        self.batched = self.device.type == "cuda" if batched is None else bool(batched)
+        self._decode_stream = None
 
     def _decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         if not encoded:
             return []
+        if self.device.type != "cuda":
+            return self._decode_all(encoded)
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        training_stream = torch.cuda.current_stream(self.device)
+        # No wait on the training stream: the decoder reads host bytes, and on a stream of its own the allocator
+        # only hands it blocks no queued kernel still uses (record_stream below keeps ours from being reused early).
+        with torch.cuda.stream(self._decode_stream):
+            images = self._decode_all(encoded)
+        training_stream.wait_stream(self._decode_stream)
+        for image in images:
+            if image is not None:
+                image.record_stream(training_stream)
+        return images
+
+    def _decode_all(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         try:
             return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
         except RuntimeError:  # one bad file fails the whole batched call: find it, keep the others
@@ -145,6 +175,23 @@ class DeviceImageDecoder:
                     logger.warning("skipping a JPEG the device decoder cannot read: %s", error)
                     images.append(None)
             return images
+
+    def _augment_batch(self, images: list[torch.Tensor], crops: list[list[int]], flips: list[bool]) -> list[torch.Tensor]:
+        from mmtrain.data.batched_resize import batched_resized_crop
+
+        cropped = [image[:, top:top + height, left:left + width] for image, (top, left, height, width)
+                   in zip(images, crops)]
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")  # TF32 would move sums of 255-level pixels by a level or more
+        try:
+            out: list[torch.Tensor] = []
+            for start in range(0, len(cropped), self.chunk):
+                stop = start + self.chunk
+                out.extend(batched_resized_crop(cropped[start:stop], self.image_size, flips[start:stop],
+                                                self.interpolation).unbind(0))
+            return out
+        finally:
+            torch.set_float32_matmul_precision(precision)
 
     def _augment(self, image: torch.Tensor, crop: list[int], flip: bool) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F
@@ -166,8 +213,16 @@ class DeviceImageDecoder:
         cpu_pixels = batch.pop("cpu_pixels")
         count = len(encoded_positions) + len(cpu_positions)
         images: list[torch.Tensor | None] = [None] * count
-        for position, image, crop, flip in zip(encoded_positions, self._decode(encoded), crops, flips):
-            images[position] = None if image is None else self._augment(image, crop, flip)
+        decoded = [(position, image, crop, flip) for position, image, crop, flip
+                   in zip(encoded_positions, self._decode(encoded), crops, flips) if image is not None]
+        if self.batched and decoded:
+            positions, found, found_crops, found_flips = zip(*decoded)
+            for position, image in zip(positions, self._augment_batch(list(found), list(found_crops),
+                                                                       list(found_flips))):
+                images[position] = image
+        else:
+            for position, image, crop, flip in decoded:
+                images[position] = self._augment(image, crop, flip)
         if cpu_pixels is not None:
             on_device = cpu_pixels.to(self.device, non_blocking=True)
             for row, position in enumerate(cpu_positions):
