@@ -159,15 +159,40 @@ def test_unreadable_or_oversized_files_are_skipped_and_counted_by_the_cpu_path(t
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_nvjpeg_on_cuda_gives_the_cpu_crops_within_decoder_rounding(tmp_path):
-    """nvJPEG's inverse DCT and upsampling round differently from libjpeg's: the same crops, within a few levels."""
-    dataset = _folder(tmp_path, ["jpeg", "gray", "jpeg", "png", "jpeg", "rotated", "jpeg", "jpeg"])
+    """nvJPEG's inverse DCT and chroma upsampling round differently from libjpeg's, most on noise: smooth images,
+    so that what is compared is the crops, resizing and flips (and no stream race corrupting them)."""
+    from torchvision.io import decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    from mmtrain.data.image_folder import write_image_folder
+
+    y, x = np.mgrid[0:48, 0:60]
+    samples = []
+    for i in range(8):
+        pixels = np.stack([128 + 100 * np.sin((x + 7 * i) / 9.0), 128 + 100 * np.cos((y - 5 * i) / 7.0),
+                           (x + y + 10 * i) % 256], axis=-1)
+        samples.append((Image.fromarray(pixels.astype(np.uint8)), f"photo {i} {'left' if i % 3 == 0 else 'cat'}"))
+    write_image_folder(tmp_path, samples, "train")
+    write_image_folder(tmp_path, samples[:1], "validation")  # its own split: train keeps all 8
+    dataset = image_folder_dataset("train", path=str(tmp_path), image_size=24, probe_images=0)
     plain = _host_batches(_loader(dataset, False))
     loader = build_contrastive_loader(dataset, shapes_tokenizer(12), batch_size=8, shuffle=True, seed=3, num_workers=0,
                                       normalize_on_device=True, decode_on_device=torch.device("cuda"))
-    on_cuda = _host_batches(loader)
-    assert len(plain) == len(on_cuda) == 1
-    a, b = plain[0], on_cuda[0]
+    assert loader.device_decoder.batched
+    host = next(iter(loader))
+    on_cuda = loader.device_decoder(dict(host))
+    a, b = plain[0], on_cuda
     assert b["pixel_values"].is_cuda and b["pixel_values"].dtype == torch.uint8
     assert torch.equal(a["index"], b["index"].cpu())
     difference = (a["pixel_values"].int() - b["pixel_values"].cpu().int()).abs()
-    assert difference.float().mean() < 2.0 and difference.max() <= 40, (difference.float().mean(), difference.max())
+    assert difference.float().mean() < 2.0 and difference.max() <= 32, (difference.float().mean(), difference.max())
+
+    # Against nvJPEG's own full images, cropped and resized one by one by torchvision: the batched path's rounding only.
+    sizes = host["encoded_lengths"].tolist()
+    for row, (data, (top, left, h, w), flip) in enumerate(zip(host["encoded"].split(sizes), host["crops"].tolist(),
+                                                              host["flips"].tolist())):
+        full = decode_jpeg(data, device="cuda").cpu()
+        expected = F.resized_crop(full, top, left, h, w, [24, 24], antialias=True)
+        expected = F.horizontal_flip(expected) if flip else expected
+        position = host["encoded_positions"][row]
+        assert (b["pixel_values"][position].cpu().int() - expected.int()).abs().max() <= 2
