@@ -60,11 +60,6 @@ class LocalAttention(PatternAttention):
                 return (q_idx + offset - kv_idx).abs() <= half
         return keep
 
-    def flex_kernel_options(self, s_q: int, s_k: int) -> dict[str, Any]:
-        # Every query keeps at least its own position (or, causal, the key aligned with it) when S_q <= S_k, so the
-        # kernel may skip its empty-row guard.
-        return {"ROWS_GUARANTEED_SAFE": True} if s_q <= s_k else {}
-
     def key_range(self, q_start: int, q_end: int, s_q: int, s_k: int) -> tuple[int, int]:
         offset = self.query_offset(s_q, s_k)
         if self.causal:

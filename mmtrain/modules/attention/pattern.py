@@ -142,7 +142,8 @@ class PatternAttention(Attention):
         self._block_masks: dict[tuple[Any, ...], Any] = {}
         self._flex_failed = False
         # FlexAttention tuning, for benchmarks and experts: the block mask's block side, and kernel options
-        # (torch's FlexKernelOptions: block sizes, warps, stages...) merged over those of ``flex_kernel_options``.
+        # (torch's FlexKernelOptions: block sizes, warps, stages...). Not ROWS_GUARANTEED_SAFE for a band pattern:
+        # the kernel visits partial blocks first, and a row with no key in its first block becomes NaN under it.
         self.block_size = DEFAULT_BLOCK_SIZE
         self.kernel_options: dict[str, Any] | None = None
 
@@ -161,10 +162,6 @@ class PatternAttention(Attention):
 
     def query_offset(self, s_q: int, s_k: int) -> int:
         return s_k - s_q if self.causal else 0
-
-    def flex_kernel_options(self, s_q: int, s_k: int) -> dict[str, Any]:
-        """Kernel options this pattern guarantees safe for a call without key padding (none by default)."""
-        return {}
 
     # -- shared -------------------------------------------------------------------------------------------------
     def pattern(self, s_q: int, s_k: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
@@ -208,9 +205,7 @@ class PatternAttention(Attention):
         flex_attention = flex_functions()[0]  # type: ignore[index]
         q4, k4, v4 = _to_4d(q), _to_4d(k), _to_4d(v)
         s_q, s_k = q.shape[-2], k.shape[-2]
-        options: dict[str, Any] = {}
         if kpm is None:
-            options.update(self.flex_kernel_options(s_q, s_k))
             cache_key = self.cache_key(s_q, s_k)
             if cache_key is not None:
                 cache_key = (cache_key, self.block_size, q.device)
@@ -227,8 +222,7 @@ class PatternAttention(Attention):
             kpm_full = kpm.expand(*q.shape[:-2], 1, s_k).reshape(batch, heads, s_k).contiguous()
             block_mask = make_block_mask(lambda b, h, qi, ki: keep(qi, ki) & kpm_full[b, h, ki], batch, heads, s_q, s_k,
                                          q.device, self.block_size)
-        options.update(self.kernel_options or {})
-        out = flex_attention(q4, k4, v4, block_mask=block_mask, kernel_options=options or None)
+        out = flex_attention(q4, k4, v4, block_mask=block_mask, kernel_options=self.kernel_options or None)
         return out.reshape(*q.shape[:-1], v.shape[-1])
 
     def _chunked_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: KeepFn,

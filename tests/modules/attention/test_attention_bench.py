@@ -32,3 +32,15 @@ def test_bench_rejects_a_malformed_local_variant(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["--smoke", "--out", str(tmp_path / "a.json"), "--local-variant", 'x={"block": 64}'])
     assert exit_info.value.code == 2
+
+
+def test_a_pattern_mechanism_that_disagrees_with_its_reference_is_not_a_result(tmp_path, monkeypatch):
+    from mmtrain.modules.attention import LocalAttention
+
+    original = LocalAttention.forward
+    monkeypatch.setattr(LocalAttention, "forward", lambda self, *a, **k: original(self, *a, **k) * float("nan"))
+    out = tmp_path / "attention.json"
+    assert main(["--smoke", "--out", str(out), "--mechanisms", "local", "--approx-modes", "eager"]) == 0
+    rows = [r for r in json.loads(out.read_text())["results"] if r["mechanism"] == "local"]
+    assert rows and all(r["status"].startswith("wrong: differs from its masked reference") for r in rows), rows
+    assert "local_tflops_fraction_of_dense" not in json.loads(out.read_text())["summary"]
