@@ -233,3 +233,15 @@ def test_unknown_names_are_user_errors(tmp_path):
         bench_all.main(["--out-dir", str(tmp_path), "--only", "dta"])
     with pytest.raises(UserError, match="--args-for wants"):
         bench_all.main(["--out-dir", str(tmp_path), "--args-for", "data"])
+
+
+def test_approximation_speed_row_says_device_time_and_where_launch_overhead_loses():
+    report = _attention()
+    for row in report["results"]:
+        row["timing"] = "cuda graph"
+        row["launch_ms"] = row.get("time_ms")
+    nystrom_8k = next(r for r in report["results"] if r["mechanism"] == "nystrom" and r["seq_len"] == 8192)
+    nystrom_8k["launch_ms"] = 5.7  # host-bound: slower than dense's 3.0 ms when launched from Python
+    row = _rows(bench_all.build_summary({"attention": report}))["attention_approx_speed"]
+    assert row["status"] == "met" and row["mmtrain"].startswith("device time (CUDA-graph replay)")
+    assert row["reason"] == "launched from Python at this batch, slower than dense: nystrom at 8192"
