@@ -9,8 +9,9 @@ Worker item (``EncodedImageDataset[index]``), one of:
     None                                                 unreadable (skipped and counted by the CPU path)
 
 Batch (``EncodedCollator``): ``encoded`` uint8 (total bytes,) the n_enc files back to back, ``encoded_lengths``
-long (n_enc,), ``crops`` long (n_enc, 4), ``flips`` bool (n_enc,), ``encoded_positions`` long (n_enc,), ``cpu_pixels`` uint8 (n_cpu, 3, S, S), ``cpu_positions`` long
-(n_cpu,), plus the usual ``input_ids`` (B, L), ``attention_mask`` (B, L), ``index`` (B,), ``num_skipped`` ().
+long (n_enc,), ``crops`` long (n_enc, 4), ``flips`` bool (n_enc,), ``encoded_positions`` long (n_enc,),
+``cpu_pixels`` uint8 (n_cpu, 3, S, S), ``cpu_positions`` long (n_cpu,), plus the usual ``input_ids`` (B, L),
+``attention_mask`` (B, L), ``index`` (B,), ``num_skipped`` ().
 
 ``DeviceImageDecoder(batch)`` turns that into the plain contract: ``pixel_values`` uint8 (B', 3, S, S) on the
 device (``torchvision.io.decode_jpeg``, nvJPEG on CUDA), then the loader's ``pixel_normalizer`` gives floats. A
@@ -181,7 +182,8 @@ class DeviceImageDecoder:
                     images.append(None)
             return images
 
-    def _augment_batch(self, images: list[torch.Tensor], crops: list[list[int]], flips: list[bool]) -> list[torch.Tensor]:
+    def _augment_batch(self, images: list[torch.Tensor], crops: list[list[int]],
+                       flips: list[bool]) -> list[torch.Tensor]:
         from mmtrain.data.batched_resize import batched_resized_crop
 
         cropped = [image[:, top:top + height, left:left + width] for image, (top, left, height, width)
