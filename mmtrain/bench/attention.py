@@ -20,10 +20,12 @@ CUDA events around each replay, median: the device's time without the host's. ``
 from Python back to back (events recorded without a host sync in the timed loop, as in the step benchmarks): at
 batch 1 the host's per-call overhead (TorchDynamo guards, Python, many small kernels) can exceed the device time, and
 this column shows it. A step that cannot be captured is timed by its launches (``timing`` says which). Memory: peak
-allocated during one more forward + backward, above what the inputs already hold. TFLOP/s counts useful FLOPs only (attended query-key pairs,
-``4 D`` per pair forward, x3.5 for forward + backward); approximations (linformer, nystrom, orthoformer, favor) get
-none. Runs that do not fit are recorded as ``"oom"``. ``--smoke`` (and any run without CUDA) is a tiny float32 CPU
-version for tests. Prints a table and writes JSON to ``--out``.
+allocated during one more forward + backward, above what the inputs already hold. TFLOP/s counts useful FLOPs only
+(attended query-key pairs, ``4 D`` per pair forward, x3.5 for forward + backward); approximations (linformer,
+nystrom, orthoformer, favor) get none. A pattern mechanism whose output differs from its masked reference by more
+than bf16 noise (or is NaN) gets status ``wrong`` and counts for no target. Runs that do not fit are recorded as
+``"oom"``. ``--smoke`` (and any run without CUDA) is a tiny float32 CPU version for tests. Prints a table and writes
+JSON to ``--out``.
 """
 
 from __future__ import annotations
