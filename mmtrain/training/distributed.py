@@ -478,7 +478,11 @@ def compile_model(
     if mode in ("none", None, False):
         return model
     if mode == "regional":
-        for layer in _layer_modules(model, layer_modules):
+        layers = list(_layer_modules(model, layer_modules))
+        # Layers of one class share a compiled-code cache; EfficientNet's blocks differ in stride, kernel and
+        # resolution from stage to stage, and past the default limit of 8 variants the rest would silently run eager.
+        _raise_recompile_limit(len(layers))
+        for layer in layers:
             layer.compile(**compile_kwargs)
         return model
     if mode == "whole":
@@ -489,6 +493,14 @@ def compile_model(
             setattr(model, name, torch.compile(getattr(model, name), **compile_kwargs))
         return model
     raise ConfigError(f"compile: expected regional, whole or none, got {mode!r}")
+
+
+def _raise_recompile_limit(at_least: int) -> None:
+    config = torch._dynamo.config
+    for option in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(config, option):
+            setattr(config, option, max(at_least, getattr(config, option)))
+            return
 
 
 # ------------------------------------------------------------------------------------------------ fault injection
