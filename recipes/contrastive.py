@@ -120,7 +120,9 @@ class ContrastiveRecipe:
             D.apply_activation_checkpointing(model)
         compile_mode = cfg.get("compile", False)
         if compile_mode:
-            D.compile_model(model, mode="regional" if compile_mode is True else str(compile_mode))
+            # Training batches have one shape (the last is padded), so static graphs: dynamic-shape compiles of
+            # EfficientNet's differing blocks took minutes on an H100 and generate slower kernels.
+            D.compile_model(model, mode="regional" if compile_mode is True else str(compile_mode), dynamic=False)
         dist_cfg = cfg.get("distributed", {}) or {}
         self.task = D.wrap_model(task, strategy=str(dist_cfg.get("strategy", "ddp")), device=self.device,
                                  mixed_precision=dist_cfg.get("mixed_precision", None),

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             model = AlignModel(AlignConfig(**config_dict))
             if compile_mode == "regional":
-                compile_model(model, mode="regional")
+                compile_model(model, mode="regional", dynamic=False)  # as the contrastive recipe compiles it
             step = _mmtrain_step(model, AlignLoss(gather=False))
             return model, (torch.compile(step) if compile_mode == "whole" else step)
 

@@ -115,7 +115,7 @@ def _variants(args: argparse.Namespace) -> tuple[list[tuple[str, Callable]], str
             if regional:
                 from mmtrain.training.distributed import compile_model
 
-                compile_model(model, "regional")
+                compile_model(model, "regional", dynamic=False)  # as the contrastive recipe compiles it
             loss_fn = ClipLoss(gather=False)
 
             def loss_of(batch: dict) -> torch.Tensor:
