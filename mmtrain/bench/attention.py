@@ -11,9 +11,10 @@ head dim 128, bf16, S in 1k..16k). For each sequence length it times, in the sam
 
 The approximations run compiled (``torch.compile`` of the module, as the recipes' regional compile runs them, one
 compile per length) and, as ``<name>_eager``, uncompiled; ``--approx-modes`` picks. The pattern mechanisms always run
-their compiled FlexAttention kernels. ``--local-variant NAME=JSON`` adds a ``local[NAME]`` row with FlexAttention
-tuning: ``{"kernel_options": {...}, "block_size": 64, "mode": "max-autotune-no-cudagraphs"}`` (a variant whose
-kernel fails is recorded as an error, not as the masked fallback's time).
+their own CUDA kernels (``local``: FlashAttention-2's sliding window where it applies, column ``kernel``; the others
+compiled FlexAttention). ``--local-variant NAME=JSON`` adds a ``local[NAME]`` row, FlexAttention unless the JSON says
+``"kernel": "auto"``, with its tuning: ``{"kernel_options": {...}, "block_size": 64, "mode":
+"max-autotune-no-cudagraphs"}`` (a variant whose kernel fails is recorded as an error, not as the fallback's time).
 
 Time (``time_ms``, what TFLOP/s counts): on CUDA, the forward + backward captured once in a CUDA graph and replayed,
 CUDA events around each replay, median: the device's time without the host's. ``launch_ms``: the same step launched
@@ -53,6 +54,7 @@ from mmtrain.modules.attention import (
     RandomAttention,
     ScaledDotProduct,
 )
+from mmtrain.modules.attention.local import KERNELS
 from mmtrain.modules.attention.pattern import PatternAttention, set_flex_compile_mode
 
 FORWARD_BACKWARD_FLOP_FACTOR = 3.5  # backward ~ 2.5x forward, the convention of FlashAttention's benchmarks
@@ -66,10 +68,11 @@ _REFERENCE_TOLERANCE = {torch.bfloat16: 0.05, torch.float32: 1e-4}
 def _local_variant(text: str) -> tuple[str, dict[str, Any]]:
     name, _, spec = text.partition("=")
     variant = json.loads(spec) if spec else {}
-    unknown = set(variant) - {"kernel_options", "block_size", "mode"}
-    if not name or not isinstance(variant, dict) or unknown:
+    unknown = set(variant) - {"kernel", "kernel_options", "block_size", "mode"}
+    if not name or not isinstance(variant, dict) or unknown or variant.get("kernel", "flex") not in KERNELS:
         raise argparse.ArgumentTypeError(
-            f"--local-variant takes NAME=JSON with keys kernel_options, block_size, mode; got {text!r}")
+            f"--local-variant takes NAME=JSON with keys kernel ({'/'.join(KERNELS)}), kernel_options, block_size, "
+            f"mode; got {text!r}")
     return name, variant
 
 
@@ -212,6 +215,8 @@ def _bench_sequence_length(args: argparse.Namespace, seq_len: int, device: torch
             if fell_back():
                 row.update(status="error: FlexAttention failed, the masked fallback ran", time_ms=None,
                            launch_ms=None, peak_mem_mb=None)
+            if callable(row.get("kernel")):
+                row["kernel"] = row["kernel"]()
         except torch.OutOfMemoryError:
             row["status"] = "oom"
         except Exception as err:  # noqa: BLE001 - kernels that refuse a size or a tuning: recorded, not fatal
@@ -253,7 +258,8 @@ def _bench_sequence_length(args: argparse.Namespace, seq_len: int, device: torch
             continue
         pairs = _count_pairs(attention, seq_len, device)
         outputs = {name: record(name, lambda attention=attention: attention(q, k, v), pairs,
-                                fell_back=lambda attention=attention: attention._flex_failed)}
+                                fell_back=lambda attention=attention: attention._flex_failed,
+                                kernel=lambda attention=attention: attention.last_kernel)}
         if name == "local":
             for variant_name, variant in args.local_variant:
                 outputs[f"local[{variant_name}]"] = _record_local_variant(record, (q, k, v), variant_name, variant,
@@ -278,8 +284,10 @@ def _bench_sequence_length(args: argparse.Namespace, seq_len: int, device: torch
 
 def _record_local_variant(record: Callable[..., Any], q_k_v: tuple[torch.Tensor, ...], name: str,
                           variant: dict[str, Any], pairs: int, window: int) -> torch.Tensor | None:
-    """Time a ``local[name]`` row: a fresh LocalAttention with the variant's block size, kernel options and mode."""
+    """Time a ``local[name]`` row: a fresh LocalAttention with the variant's kernel (FlexAttention unless it says
+    ``"kernel": "auto"``), block size, kernel options and mode."""
     tuned = LocalAttention(window_size=window)
+    tuned.kernel = variant.get("kernel", "flex")
     tuned.block_size = int(variant.get("block_size", tuned.block_size))
     tuned.kernel_options = dict(variant.get("kernel_options", {}))
     mode = variant.get("mode")
@@ -287,7 +295,7 @@ def _record_local_variant(record: Callable[..., Any], q_k_v: tuple[torch.Tensor,
         set_flex_compile_mode(mode)
     try:
         return record(f"local[{name}]", lambda: tuned(*q_k_v), pairs, fell_back=lambda: tuned._flex_failed,
-                      variant=variant)
+                      variant=variant, kernel=lambda: tuned.last_kernel)
     finally:
         if mode:
             set_flex_compile_mode(None)

@@ -5,17 +5,47 @@ Shapes: ``q: (*batch, S_q, D)``, ``k: (*batch, S_k, D)``, ``v: (*batch, S_k, D_v
 Pattern (query at position ``i``, key at ``j``):
     not causal: ``|i - j| <= window_size // 2`` (``window_size`` odd: the window is split evenly around the query)
     causal:     ``0 <= i - j <= window_size``
-Runs as a FlexAttention block mask on CUDA and, elsewhere, on chunks of queries against only the keys in their band.
+Runs on CUDA through FlashAttention-2's own sliding window (``aten._flash_attention_forward`` with
+``window_size_left/right``: only the key blocks of the band are visited, at dense flash speed per block) when the
+inputs allow it (fp16/bf16, equal q/v head dims up to 256 and a multiple of 8, no mask, no dropout); otherwise as a
+FlexAttention block mask on CUDA, and elsewhere on chunks of queries against only the keys in their band.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from mmtrain.modules.attention.base import AttentionConfig, register_attention
-from mmtrain.modules.attention.pattern import KeepFn, PatternAttention
+from mmtrain.modules.attention.core import AttentionMask
+from mmtrain.modules.attention.pattern import KeepFn, PatternAttention, _to_4d
+
+logger = logging.getLogger(__name__)
+
+KERNELS = ("auto", "flex")
+
+
+def flash_window_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether FlashAttention-2 (sm80+) takes these tensors: half precision, one head dim for q/k/v, <= 256, % 8."""
+    head_dim = q.shape[-1]
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.shape[-1] == head_dim and v.shape[-1] == head_dim and head_dim <= 256 and head_dim % 8 == 0
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+def flash_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """Query ``i`` attends keys ``j`` with ``-left <= j - i - (S_k - S_q) <= right``, one flash kernel each way.
+
+    Shapes as the module's: ``(*batch, S, D)``; differentiable (aten registers the flash backward with the window).
+    """
+    q4, k4, v4 = _to_4d(q), _to_4d(k), _to_4d(v)
+    # Flash takes (batch, seq, heads, dim) with a unit stride on dim only: the transposes are views.
+    out = torch.ops.aten._flash_attention_forward(
+        q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), None, None, q.shape[-2], k.shape[-2], 0.0,
+        False, False, window_size_left=left, window_size_right=right)[0]
+    return out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
 
 
 @register_attention("local", AttentionConfig)
@@ -45,6 +75,47 @@ class LocalAttention(PatternAttention):
                 "so window_size must be odd (or set causal=True)"
             )
         self.window_size = window_size
+        # Which CUDA kernel runs the band (for benchmarks and debugging): "auto" (flash where it applies, else
+        # FlexAttention) or "flex" (always the block mask).
+        self.kernel = "auto"
+        self._flash_failed = False
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        att_mask: torch.Tensor | AttentionMask | None = None,
+        *args: Any,
+        key_padding_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"LocalAttention.kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        window = self._flash_window(q, k, v, att_mask, key_padding_mask, args, kwargs)
+        if window is not None:
+            try:
+                out = flash_window_attention(q, k, v, *window)
+            except RuntimeError as err:  # an older torch without the window arguments, an unsupported GPU
+                self._flash_failed = True
+                logger.warning("LocalAttention: flash sliding window failed (%s); using FlexAttention", err)
+            else:
+                self._note_kernel("flash")
+                return out
+        return super().forward(q, k, v, att_mask, *args, key_padding_mask=key_padding_mask, **kwargs)
+
+    def _flash_window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att_mask: Any,
+                      key_padding_mask: Any, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+        """``(left, right)`` for the flash kernel, or None where it does not apply."""
+        if self.kernel == "flex" or self._flash_failed or att_mask is not None or key_padding_mask is not None:
+            return None
+        if args or kwargs or (self.training and self.dropout > 0) or not flash_window_supported(q, k, v):
+            return None
+        s_q, s_k = q.shape[-2], k.shape[-2]
+        if self.causal:  # flash aligns the band bottom-right, as query_offset does; every row keeps its diagonal
+            return (self.window_size, 0) if s_q <= s_k else None
+        half = self.window_size // 2
+        return (half, half) if s_q == s_k else None  # unequal lengths: the pattern is aligned top-left
 
     def make_keep(self, s_q: int, s_k: int, device: torch.device) -> KeepFn:
         offset = self.query_offset(s_q, s_k)

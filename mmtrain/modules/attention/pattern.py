@@ -146,6 +146,11 @@ class PatternAttention(Attention):
         # the kernel visits partial blocks first, and a row with no key in its first block becomes NaN under it.
         self.block_size = DEFAULT_BLOCK_SIZE
         self.kernel_options: dict[str, Any] | None = None
+        self.last_kernel: str | None = None  # the path the latest call took ("flex", "masked"; local adds "flash")
+
+    def _note_kernel(self, name: str) -> None:
+        if not torch.compiler.is_compiling():  # a module attribute written inside a compiled region breaks the graph
+            self.last_kernel = name
 
     # -- to implement -------------------------------------------------------------------------------------------
     def make_keep(self, s_q: int, s_k: int, device: torch.device) -> KeepFn:
@@ -194,10 +199,14 @@ class PatternAttention(Attention):
         dropout_active = self.training and self.dropout > 0
         if q.is_cuda and mask is None and not dropout_active and not self._flex_failed and flex_functions():
             try:
-                return self._flex_forward(q, k, v, keep, kpm)
+                out = self._flex_forward(q, k, v, keep, kpm)
             except Exception as err:  # noqa: BLE001 - unsupported head size / dtype: fall back, say why once
                 self._flex_failed = True
                 logger.warning("%s: FlexAttention failed (%s); using the masked path", type(self).__name__, err)
+            else:
+                self._note_kernel("flex")
+                return out
+        self._note_kernel("masked")
         return self._chunked_forward(q, k, v, keep, mask, kpm)
 
     def _flex_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: KeepFn,

@@ -198,9 +198,58 @@ def test_flex_path_matches_reference_on_gpu(dtype):
                   GlobalAttention(attention_query_mask=3), GlobalAttention(attention_query_mask=3, causal=True)]
     for attention in mechanisms:
         attention = attention.cuda()
+        if isinstance(attention, LocalAttention):
+            attention.kernel = "flex"  # bf16 local attention would take the flash window (tested below)
         keep = attention.pattern(s, s, device="cuda")
         for kpm in (None, key_padding):
             full_keep = keep if kpm is None else keep & kpm
             out = attention(q, k, v, key_padding_mask=kpm)
             assert not attention._flex_failed, type(attention).__name__
+            assert attention.last_kernel == "flex", type(attention).__name__
             torch.testing.assert_close(out.double(), reference(q, k, v, keep=full_keep), **tolerance)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_window_matches_reference_with_gradients_on_gpu(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tolerance = {"atol": 3e-2, "rtol": 3e-2} if dtype == torch.bfloat16 else {"atol": 4e-3, "rtol": 4e-3}
+    cases = [  # (mechanism, lead dims, s_q, s_k): multi-head (b, h) and xFormers (b * h) layouts, unequal lengths
+        (LocalAttention(window_size=33), (2, 3), 300, 300),
+        (LocalAttention(window_size=257), (1, 2), 1000, 1000),
+        (LocalAttention(window_size=16, causal=True), (2, 3), 300, 300),
+        (LocalAttention(window_size=16, causal=True), (6,), 200, 300),
+    ]
+    for attention, lead, s_q, s_k in cases:
+        q = torch.randn(*lead, s_q, 64, device="cuda", dtype=dtype, generator=g).requires_grad_()
+        k, v = (torch.randn(*lead, s_k, 64, device="cuda", dtype=dtype, generator=g).requires_grad_()
+                for _ in range(2))
+        out = attention(q, k, v)
+        assert attention.last_kernel == "flash"
+        keep = local_pattern(s_q, s_k, attention.window_size, attention.causal).cuda()
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        expected = reference(*leaves, keep=keep)
+        torch.testing.assert_close(out.double(), expected, **tolerance)
+        grad_out = torch.randn(out.shape, device="cuda", dtype=dtype, generator=g)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        expected_grads = torch.autograd.grad(expected, leaves, grad_out.double())
+        for name, got, want in zip("qkv", grads, expected_grads):
+            torch.testing.assert_close(got.double(), want, **tolerance, msg=lambda m, name=name: f"d{name}: {m}")
+    # Where flash cannot take the call (a key padding mask, float32), the block mask runs the same pattern.
+    attention = LocalAttention(window_size=33)
+    q = torch.randn(2, 3, 300, 64, device="cuda", dtype=dtype, generator=g)
+    attention(q, q, q, key_padding_mask=torch.ones(2, 300, dtype=torch.bool, device="cuda"))
+    assert attention.last_kernel == "flex"
+    attention(q.float(), q.float(), q.float())
+    assert attention.last_kernel == "flex"
+
+
+def test_local_kernel_choice_is_checked_and_cpu_takes_the_masked_path():
+    attention = LocalAttention(window_size=3)
+    q, k, v = qkv(1, s_q=8)
+    attention(q, k, v)
+    assert attention.last_kernel == "masked"
+    attention.kernel = "triton"
+    with pytest.raises(ValueError, match="kernel must be one of auto, flex"):
+        attention(q, k, v)
