@@ -55,16 +55,16 @@ def _batch_norm(config: AlignVisionConfig, channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=config.batch_norm_eps, momentum=torch_batch_norm_momentum(config))
 
 
-def drop_connect(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+def drop_connect(x: torch.Tensor, rate: float | torch.Tensor, training: bool) -> torch.Tensor:
     """Zero the whole residual branch of a sample with probability ``rate``; scale survivors by 1/(1-rate).
 
-    x: (B, C, H, W) -> (B, C, H, W)
+    x: (B, C, H, W) -> (B, C, H, W); ``rate``: a float or a 0-dim tensor.
     """
-    if not training or rate == 0.0:
+    if not training or (not isinstance(rate, torch.Tensor) and rate == 0.0):
         return x
     keep = 1.0 - rate
-    mask = torch.empty((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
-    return x * mask.div_(keep)
+    kept = torch.rand((x.shape[0], 1, 1, 1), device=x.device) < keep
+    return x * (kept / keep).to(x.dtype)
 
 
 class AlignVisionEmbeddings(nn.Module):
@@ -141,14 +141,24 @@ class AlignVisionFinalBlockLayer(nn.Module):
                  id_skip: bool) -> None:
         super().__init__()
         self.apply_residual = stride == 1 and not id_skip
-        self.drop_rate = drop_rate
+        # A buffer, not a float attribute: TorchDynamo specializes on float attributes, so the per-block rates gave
+        # each of B7's 55 blocks a compiled graph of its own instead of one per distinct block shape (14).
+        self.register_buffer("drop_rate_value", torch.tensor(float(drop_rate), device="cpu"), persistent=False)
         self.project_conv = nn.Conv2d(in_dim, out_dim, kernel_size=1, bias=False)
         self.project_bn = _batch_norm(config, out_dim)
+
+    @property
+    def drop_rate(self) -> float:
+        return float(self.drop_rate_value)
+
+    @drop_rate.setter
+    def drop_rate(self, value: float) -> None:
+        self.drop_rate_value.fill_(float(value))
 
     def forward(self, block_input: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = self.project_bn(self.project_conv(x))
         if self.apply_residual:
-            x = drop_connect(x, self.drop_rate, self.training) + block_input
+            x = drop_connect(x, self.drop_rate_value, self.training) + block_input
         return x
 
 

@@ -167,3 +167,28 @@ def test_minilm_loads_into_text_model_and_matches_bert():
     torch.testing.assert_close(a.last_hidden_state[:, :10], b.last_hidden_state[:, :10], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.pooler_output, b.pooler_output, atol=1e-5, rtol=1e-5)
     assert json.loads((directory / "config.json").read_text())["model_type"] == "bert"
+
+
+def test_regional_compile_shares_graphs_between_blocks_of_one_shape():
+    from mmtrain.training.distributed import compile_model
+
+    # depth 3.0 repeats blocks within stages; each block has its own drop rate.
+    config = AlignVisionConfig(image_size=32, width_coefficient=0.25, depth_coefficient=3.0, drop_connect_rate=0.2,
+                               kernel_sizes=[3, 3], in_channels=[32, 16], out_channels=[16, 24], strides=[1, 2],
+                               num_block_repeats=[1, 2], expand_ratios=[1, 6], depthwise_padding=[], hidden_dim=64)
+    model = AlignVisionModel(config).train()
+    blocks = model.layer_modules()
+    rates = {block.projection.drop_rate for block in blocks}
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compile_model(model, mode="regional", layer_modules=blocks, dynamic=False, backend=counting_backend)
+    model(torch.randn(2, 3, 32, 32)).pooler_output.sum().backward()
+    # The shape of a block: its parameters, stride and whether it adds the residual.
+    shapes = {(tuple(p.shape for p in b.parameters()), b.depthwise_conv.depthwise_conv.stride,
+               b.projection.apply_residual) for b in blocks}
+    assert len(blocks) == 9 and len(rates) == 9 and len(shapes) == 4
+    assert len(graphs) == len(shapes)
