@@ -81,7 +81,8 @@ def decode_image(source: str | bytes | os.PathLike, max_image_pixels: int | None
         if ImageFile.LOAD_TRUNCATED_IMAGES:  # another library flipped the global: we still refuse truncated files
             ImageFile.LOAD_TRUNCATED_IMAGES = False
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        # In place: the default returns a copy of the whole frame even when the orientation needs no change.
+        ImageOps.exif_transpose(image, in_place=True)
         return _to_rgb(image)
 
 

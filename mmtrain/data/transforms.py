@@ -139,14 +139,23 @@ class ContrastiveImageTransform:
         return self.hflip and not mentions_left_or_right(text)
 
     def __call__(self, image: Image.Image | torch.Tensor, text: str = "", seed: int | None = None) -> torch.Tensor:
-        pixels = F.pil_to_tensor(image) if isinstance(image, Image.Image) else image
-        if pixels.ndim != 3 or pixels.shape[0] != 3:
-            raise ValueError(f"expected an RGB image (3, H, W), got shape {tuple(pixels.shape)}")
-        height, width = pixels.shape[-2:]
+        if isinstance(image, Image.Image):
+            width, height = image.size
+        else:
+            _check_rgb(image)
+            height, width = image.shape[-2:]
         size = [self.image_size, self.image_size]
         if self.train:
             rng = random.Random(seed)
             top, left, h, w = self.crop_params(height, width, rng)
+            pixels = image
+            if isinstance(image, Image.Image):
+                # Only the crop becomes a tensor: converting the whole decoded frame cost a third of the time of
+                # the resize, for pixels the crop then dropped.
+                if (h, w) != (height, width):
+                    image = image.crop((left, top, left + w, top + h))
+                    top = left = 0
+                pixels = _check_rgb(F.pil_to_tensor(image))
             if (h, w) == (height, width) and (height, width) == (self.image_size, self.image_size):
                 out = pixels  # full-size crop of an image already at the output size: nothing to resample
             else:
@@ -155,7 +164,7 @@ class ContrastiveImageTransform:
             if flip and self.flip_allowed(text):
                 out = F.horizontal_flip(out)
         else:
-            out = pixels
+            out = _check_rgb(F.pil_to_tensor(image)) if isinstance(image, Image.Image) else image
             if min(height, width) != self.image_size:
                 out = F.resize(out, self.image_size, interpolation=self.interpolation, antialias=True)
             if tuple(out.shape[-2:]) != (self.image_size, self.image_size):
@@ -168,6 +177,12 @@ class ContrastiveImageTransform:
     def __repr__(self) -> str:
         kind = f"train, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}" if self.train else "eval"
         return f"ContrastiveImageTransform({self.image_size}, {kind}, mean={self.mean}, std={self.std})"
+
+
+def _check_rgb(pixels: torch.Tensor) -> torch.Tensor:
+    if pixels.ndim != 3 or pixels.shape[0] != 3:
+        raise ValueError(f"expected an RGB image (3, H, W), got shape {tuple(pixels.shape)}")
+    return pixels
 
 
 class PixelNormalize:

@@ -205,3 +205,18 @@ def test_large_jpeg_decodes_at_reduced_scale_but_never_below_what_the_crop_needs
     # the eval pixels barely change: both paths downsample the same smooth photo to 32 px
     reduced, exact = val.make_transform()(val.load_image(0)), full.make_transform()(full.load_image(0))
     assert (reduced - exact).abs().mean() < 0.03  # normalized units: under 1% of the [-1, 1] range
+
+
+def test_decode_applies_the_exif_orientation():
+    array = np.zeros((10, 20, 3), dtype=np.uint8)
+    array[:, :10, 0] = 255  # left half red: after a 90 degree turn it is the top or bottom half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    upright = np.asarray(decode_image(buffer.getvalue()))
+    assert upright.shape == (20, 10, 3)
+    assert upright[:8, :, 0].mean() > 200 and upright[12:, :, 0].mean() < 50  # red on top: turned clockwise
+    plain = io.BytesIO()
+    Image.fromarray(array).save(plain, "JPEG", quality=95)
+    assert np.asarray(decode_image(plain.getvalue())).shape == (10, 20, 3)

@@ -79,3 +79,18 @@ def test_pixel_normalizer_refuses_float_input():
 
     with pytest.raises(TypeError, match="uint8"):
         ContrastiveImageTransform(8).pixel_normalizer()(torch.zeros(1, 3, 8, 8))
+
+
+def test_pil_input_gives_the_result_of_its_tensor():
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    array = np.random.default_rng(0).integers(0, 256, (23, 31, 3), dtype=np.uint8)
+    image, tensor = Image.fromarray(array), torch.from_numpy(array).permute(2, 0, 1)
+    for train in (True, False):
+        t = ContrastiveImageTransform(12, train=train, scale=(0.2, 1.0))
+        for seed in range(8):  # crops of many sizes and places, full-frame ones included at scale 1.0
+            assert torch.equal(t(image, "a cat", seed=seed), t(tensor, "a cat", seed=seed))
+    with pytest.raises(ValueError, match="RGB"):
+        ContrastiveImageTransform(12, train=True)(image.convert("L"), seed=0)
