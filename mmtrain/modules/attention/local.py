@@ -6,9 +6,9 @@ Pattern (query at position ``i``, key at ``j``):
     not causal: ``|i - j| <= window_size // 2`` (``window_size`` odd: the window is split evenly around the query)
     causal:     ``0 <= i - j <= window_size``
 Runs on CUDA through FlashAttention-2's own sliding window (``aten._flash_attention_forward`` with
-``window_size_left/right``: only the key blocks of the band are visited, at dense flash speed per block) when the
-inputs allow it (fp16/bf16, equal q/v head dims up to 256 and a multiple of 8, no mask, no dropout); otherwise as a
-FlexAttention block mask on CUDA, and elsewhere on chunks of queries against only the keys in their band.
+``window_size_left/right``: only the key blocks of the band are visited) when the inputs allow it (sm80+, fp16/bf16,
+one head dim for q, k and v, at most 256 and a multiple of 8, no mask, no dropout); otherwise as a FlexAttention
+block mask on CUDA, and elsewhere on chunks of queries against only the keys in their band.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def flash_window_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 
 def flash_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int) -> torch.Tensor:
-    """Query ``i`` attends keys ``j`` with ``-left <= j - i - (S_k - S_q) <= right``, one flash kernel each way.
+    """Query ``i`` attends keys ``j`` with ``-left <= j - i - (S_k - S_q) <= right``: one flash kernel forward,
+    one backward.
 
     Shapes as the module's: ``(*batch, S, D)``; differentiable (aten registers the flash backward with the window).
     """
