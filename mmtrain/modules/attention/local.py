@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from mmtrain.modules.attention.base import AttentionConfig, register_attention
-from mmtrain.modules.attention.core import AttentionMask
 from mmtrain.modules.attention.pattern import KeepFn, PatternAttention, _to_4d
 
 logger = logging.getLogger(__name__)
@@ -81,36 +80,32 @@ class LocalAttention(PatternAttention):
         self.kernel = "auto"
         self._flash_failed = False
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        att_mask: torch.Tensor | AttentionMask | None = None,
-        *args: Any,
-        key_padding_mask: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"LocalAttention.kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
-        window = self._flash_window(q, k, v, att_mask, key_padding_mask, args, kwargs)
-        if window is not None:
-            try:
-                out = flash_window_attention(q, k, v, *window)
-            except RuntimeError as err:  # an older torch without the window arguments, an unsupported GPU
-                self._flash_failed = True
-                logger.warning("LocalAttention: flash sliding window failed (%s); using FlexAttention", err)
-            else:
-                self._note_kernel("flash")
-                return out
-        return super().forward(q, k, v, att_mask, *args, key_padding_mask=key_padding_mask, **kwargs)
+    @property
+    def kernel(self) -> str:
+        return self._kernel
 
-    def _flash_window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, att_mask: Any,
-                      key_padding_mask: Any, args: tuple, kwargs: dict) -> tuple[int, int] | None:
-        """``(left, right)`` for the flash kernel, or None where it does not apply."""
-        if self.kernel == "flex" or self._flash_failed or att_mask is not None or key_padding_mask is not None:
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        if value not in KERNELS:
+            raise ValueError(f"LocalAttention.kernel must be one of {', '.join(KERNELS)}, got {value!r}")
+        self._kernel = value
+
+    def unmasked_cuda_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        window = self._flash_window(q, k, v)
+        if window is None:
             return None
-        if args or kwargs or (self.training and self.dropout > 0) or not flash_window_supported(q, k, v):
+        try:
+            out = flash_window_attention(q, k, v, *window)
+        except RuntimeError as err:  # an older torch without the window arguments, an unsupported GPU
+            self._flash_failed = True
+            logger.warning("LocalAttention: flash sliding window failed (%s); using FlexAttention", err)
+            return None
+        self._note_kernel("flash")
+        return out
+
+    def _flash_window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int] | None:
+        """``(left, right)`` for the flash kernel, or None where it does not apply."""
+        if self.kernel == "flex" or self._flash_failed or not flash_window_supported(q, k, v):
             return None
         s_q, s_k = q.shape[-2], k.shape[-2]
         if self.causal:  # flash aligns the band bottom-right, as query_offset does; every row keeps its diagonal

@@ -152,6 +152,10 @@ class PatternAttention(Attention):
         if not torch.compiler.is_compiling():  # a module attribute written inside a compiled region breaks the graph
             self.last_kernel = name
 
+    def unmasked_cuda_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """A mechanism's own kernel for a CUDA call without masks or dropout, or None to use the block mask."""
+        return None
+
     # -- to implement -------------------------------------------------------------------------------------------
     def make_keep(self, s_q: int, s_k: int, device: torch.device) -> KeepFn:
         """``keep(q_idx, kv_idx)`` for this call's sizes; q_idx/kv_idx are integer tensors that broadcast."""
@@ -197,6 +201,10 @@ class PatternAttention(Attention):
         kpm = normalize_key_padding_mask(key_padding_mask, q, s_k)
         mask = _as_mask_tensor(att_mask)
         dropout_active = self.training and self.dropout > 0
+        if q.is_cuda and mask is None and kpm is None and not dropout_active:
+            out = self.unmasked_cuda_forward(q, k, v)
+            if out is not None:
+                return out
         if q.is_cuda and mask is None and not dropout_active and not self._flex_failed and flex_functions():
             try:
                 out = self._flex_forward(q, k, v, keep, kpm)
