@@ -1,5 +1,7 @@
 """Image transforms: eval normalization against a float64 reference, seeded crops, caption-aware flips."""
 
+import random
+
 import torch
 
 from mmtrain.data.transforms import ContrastiveImageTransform, mentions_left_or_right
@@ -88,9 +90,12 @@ def test_pil_input_gives_the_result_of_its_tensor():
 
     array = np.random.default_rng(0).integers(0, 256, (23, 31, 3), dtype=np.uint8)
     image, tensor = Image.fromarray(array), torch.from_numpy(array).permute(2, 0, 1)
-    for train in (True, False):
-        t = ContrastiveImageTransform(12, train=train, scale=(0.2, 1.0))
-        for seed in range(8):  # crops of many sizes and places, full-frame ones included at scale 1.0
+    transforms = [ContrastiveImageTransform(12, train=True, scale=(0.2, 1.0)),  # crops of many sizes and places
+                  ContrastiveImageTransform(12, train=True, scale=(1.0, 1.0), ratio=(31 / 23, 31 / 23)),  # the frame
+                  ContrastiveImageTransform(12, train=False)]
+    assert transforms[1].crop_params(23, 31, random.Random(0)) == (0, 0, 23, 31)
+    for t in transforms:
+        for seed in range(8):
             assert torch.equal(t(image, "a cat", seed=seed), t(tensor, "a cat", seed=seed))
     with pytest.raises(ValueError, match="RGB"):
         ContrastiveImageTransform(12, train=True)(image.convert("L"), seed=0)
