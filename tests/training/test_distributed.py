@@ -128,16 +128,18 @@ def test_compile_model_keeps_outputs_and_keys(mode):
         distributed.compile_model(model, mode="everything")
 
 
-def test_regional_compile_raises_the_recompile_limit_to_the_layer_count(monkeypatch):
+def test_regional_compile_raises_the_recompile_limit_to_the_layer_count():
     config = torch._dynamo.config
     option = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(config, option, 8)
     layers = [nn.Linear(i + 1, i + 1) for i in range(12)]  # twelve shapes: twelve compiled variants of one forward
-    distributed.compile_model(nn.Sequential(*layers), mode="regional", layer_modules=layers, backend="eager")
-    assert getattr(config, option) == 12
-    for i, layer in enumerate(layers):
-        x = torch.randn(2, i + 1)
-        torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+    # config.patch, not monkeypatch: the config module's attributes are not plain ones, and monkeypatch's undo
+    # left `recompile_limit` unreadable for the tests after this one.
+    with config.patch(**{option: 8}):
+        distributed.compile_model(nn.Sequential(*layers), mode="regional", layer_modules=layers, backend="eager")
+        assert getattr(config, option) == 12
+        for i, layer in enumerate(layers):
+            x = torch.randn(2, i + 1)
+            torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
 
 
 def test_grad_sync_is_noop_for_plain_model():
