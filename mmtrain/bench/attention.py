@@ -56,6 +56,7 @@ from mmtrain.modules.attention import (
 )
 from mmtrain.modules.attention.local import KERNELS
 from mmtrain.modules.attention.pattern import PatternAttention, set_flex_compile_mode
+from mmtrain.training.distributed import raise_recompile_limit
 
 FORWARD_BACKWARD_FLOP_FACTOR = 3.5  # backward ~ 2.5x forward, the convention of FlashAttention's benchmarks
 PATTERN_MECHANISMS = ("local", "random", "global")
@@ -314,9 +315,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not smoke:
         # Every (pattern, sequence length) compiles its own FlexAttention kernel; the default limit of 8 per function
         # would send later ones to the eager (materializing) path.
-        for option in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, option):
-                setattr(torch._dynamo.config, option, max(64, getattr(torch._dynamo.config, option)))
+        raise_recompile_limit(64)
     results: list[dict[str, Any]] = []
 
     for seq_len in seq_lens:

@@ -481,7 +481,7 @@ def compile_model(
         layers = list(_layer_modules(model, layer_modules))
         # Layers of one class share a compiled-code cache; EfficientNet's blocks differ in stride, kernel and
         # resolution from stage to stage, and past the default limit of 8 variants the rest would silently run eager.
-        _raise_recompile_limit(len(layers))
+        raise_recompile_limit(len(layers))
         for layer in layers:
             layer.compile(**compile_kwargs)
         return model
@@ -495,9 +495,11 @@ def compile_model(
     raise ConfigError(f"compile: expected regional, whole or none, got {mode!r}")
 
 
-def _raise_recompile_limit(at_least: int) -> None:
+def raise_recompile_limit(at_least: int) -> None:
+    """TorchDynamo's per-function limit on compiled variants, raised to ``at_least`` (past it, calls run eager)."""
     config = torch._dynamo.config
-    for option in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+    # The name changed across torch versions; where both exist the old one is an alias of the new.
+    for option in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, option):
             setattr(config, option, max(at_least, getattr(config, option)))
             return
