@@ -7,7 +7,7 @@ next-token cross-entropy on answer tokens only. Evaluation decodes greedy answer
 
 Config keys: output_dir, seed, max_steps, resume, batch_size, precision (fp32|bf16), sdpa_backend
 (auto|cudnn|flash|efficient|math), compile (none|regional|whole),
-activation_checkpointing, distributed.{strategy,world_size}, checkpoint.{every_n_steps,keep}, eval.{every_n_steps,
+activation_checkpointing, distributed.{strategy,world_size,reduce_dtype}, checkpoint.{every_n_steps (0: none, else also the last step),keep}, eval.{every_n_steps,
 batch_size,max_new_tokens,max_samples}, log.{every_n_steps,wandb,progress_bar}, nonfinite.{policy,max_consecutive}
 (a NaN/inf loss or gradient norm: skip the step, or stop after that many in a row), tokenizer, dataset, model,
 optimizer, lr_scheduler.
@@ -182,6 +182,7 @@ def main(cfg: DictConfig) -> dict:
     from mmtrain.training.distributed import (
         all_reduce_mean,
         apply_activation_checkpointing,
+        cast_frozen_parameters,
         compile_model,
         destroy,
         init_distributed,
@@ -211,7 +212,10 @@ def main(cfg: DictConfig) -> dict:
     train_ds = instantiate(cfg.dataset, split="train", tokenizer=tokenizer)
     val_ds = instantiate(cfg.dataset, split="validation", tokenizer=tokenizer)
 
-    model = instantiate(cfg.model)
+    # On a GPU the model is built there directly: random init of the 11B model takes seconds on the device against
+    # minutes on the host, and no rank holds a full fp32 copy in host memory.
+    with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        model = instantiate(cfg.model)
     embeddings = model.decoder.tok_embeddings
     base_vocab = getattr(embeddings, "embedding", embeddings).num_embeddings
     if not base_vocab <= tokenizer.image_token_id < getattr(embeddings, "num_embeddings", base_vocab):
@@ -225,10 +229,15 @@ def main(cfg: DictConfig) -> dict:
         apply_activation_checkpointing(model)
     compile_model(model, mode=str(cfg.get("compile", "none") or "none"))
     fsdp_mp = precision if strategy == "fsdp" else None
-    model = wrap_model(model, strategy=strategy, device=device, mixed_precision=fsdp_mp,
-                       find_unused_parameters=False)
-    inner = unwrap_model(model)
     use_autocast = precision == "bf16" and not (strategy == "fsdp" and world > 1)
+    if precision == "bf16" and not use_autocast:
+        cast_frozen_parameters(model, torch.bfloat16)  # FSDP gathers them in bf16 anyway: same numbers, half memory
+    model = wrap_model(model, strategy=strategy, device=device, mixed_precision=fsdp_mp,
+                       find_unused_parameters=False, reduce_dtype=OmegaConf.select(cfg, "distributed.reduce_dtype"))
+    inner = unwrap_model(model)
+    if device.type == "cuda":  # the peak reported in the log is training's, not the build's (full model per rank)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     sdpa = str(cfg.get("sdpa_backend", "auto"))
 
     @contextlib.contextmanager
@@ -285,8 +294,9 @@ def main(cfg: DictConfig) -> dict:
     last_loss = float("nan")
     last_eval: dict[str, float] = {}
     step = start_step
-    t_steps = time.perf_counter()
+    window_seconds, window_steps = 0.0, 0
     for step in range(start_step + 1, max_steps + 1):
+        step_start = time.perf_counter()
         indices = _batch_indices(step - 1, split.global_batch_size, len(train_ds), seed)
         mine = indices[rank * split.per_rank_batch_size: (rank + 1) * split.per_rank_batch_size]
         optimizer.zero_grad(set_to_none=True)
@@ -312,11 +322,20 @@ def main(cfg: DictConfig) -> dict:
                          f"({guard.skipped} so far, policy {guard.policy})")
         if scheduler is not None:
             scheduler.step()
+        # The step's host time is its device time too: reading the loss above waited for the GPU.
+        window_seconds += time.perf_counter() - step_start
+        window_steps += 1
         if step % log_every == 0 or step == max_steps:
-            elapsed = time.perf_counter() - t_steps
-            logger.log(step, {"loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": step_grad_norm,
-                              "nonfinite_steps": guard.skipped,
-                              "samples_per_s": split.global_batch_size * (step - start_step) / max(elapsed, 1e-9)})
+            # Throughput of the training steps since the last log line, evaluation and checkpoints left out (the
+            # first window includes compilation).
+            elapsed = max(window_seconds, 1e-9)
+            metrics = {"loss": step_loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": step_grad_norm,
+                       "nonfinite_steps": guard.skipped, "step_s": elapsed / window_steps,
+                       "samples_per_s": split.global_batch_size * window_steps / elapsed}
+            if device.type == "cuda":
+                metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            logger.log(step, metrics)
+            window_seconds, window_steps = 0.0, 0
         logger.advance(1, loss=step_loss)
         if eval_every and step % eval_every == 0 and step != max_steps:
             last_eval = run_eval(step)
@@ -326,15 +345,20 @@ def main(cfg: DictConfig) -> dict:
 
     if max_steps > start_step or not last_eval:
         last_eval = run_eval(max_steps)
-    if max_steps > start_step and not guard.consecutive:
+    # checkpoint.every_n_steps 0 / null: no checkpoint at all, as in the contrastive recipe (benchmark runs).
+    if ckpt_every and max_steps > start_step and not guard.consecutive:
         ckpt.save(max_steps, model, optimizer, scheduler, guard.state_dict())
     logger.close()
     summary = {"steps": max_steps, "loss": last_loss, **last_eval, "nonfinite_steps": guard.skipped,
                "parameters": total_params,
                "trainable_parameters": trainable_params, "time_s": round(time.perf_counter() - t_start, 1),
                "output_dir": output_dir}
+    peak = ""
+    if device.type == "cuda":
+        summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        peak = f" | peak {summary['peak_mem_gib']:.1f} GiB/GPU"
     logger.print(f"summary: {max_steps} steps | loss {last_loss:.4f} | val/answer_acc "
-                 f"{last_eval.get('val/answer_acc', float('nan')):.3f} | {summary['time_s']}s | {output_dir}")
+                 f"{last_eval.get('val/answer_acc', float('nan')):.3f} | {summary['time_s']}s{peak} | {output_dir}")
     destroy()
     return summary
 

@@ -3,7 +3,8 @@
 Works on models built on the meta device. The estimate (bytes per GPU):
 
 - weights: trainable parameters in float32 (the optimizer's master copy); frozen parameters in the compute dtype
-  (bf16 halves them); divided by the world size under FSDP, replicated under DDP / a single device.
+  under FSDP on several GPUs (the recipe stores them so: FSDP gathers them in that dtype anyway), else float32
+  (autocast casts them per op); divided by the world size under FSDP, replicated under DDP / a single device.
 - gradients: float32, trainable parameters only (sharded under FSDP).
 - AdamW states: two float32 tensors per trainable parameter (sharded under FSDP).
 - FSDP working set: the largest layer all-gathered in the compute dtype, twice (current + prefetched).
@@ -90,7 +91,8 @@ def estimate_memory(
     compute_bytes = 2 if precision in ("bf16", "fp16") else 4
     total, trainable = count_parameters(model)
     frozen = total - trainable
-    weights = (trainable * 4 + frozen * compute_bytes) / shard
+    frozen_bytes = compute_bytes if shard > 1 else 4
+    weights = (trainable * 4 + frozen * frozen_bytes) / shard
     gradients = trainable * 4 / shard
     optimizer = trainable * 8 / shard
     layers = model.layer_modules() if callable(getattr(model, "layer_modules", None)) else []

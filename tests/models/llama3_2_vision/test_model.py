@@ -66,6 +66,9 @@ def test_11b_on_meta_device_has_published_shapes_count() -> None:
     ddp8 = estimate_memory(model, strategy="ddp", world_size=8, batch_size=8, seq_len=512,
                            activation_checkpointing=True)
     assert fsdp8.optimizer * 8 == ddp8.optimizer == trainable * 8
+    # Frozen weights: bf16 shards under FSDP (as the recipe stores them), fp32 replicas under DDP (autocast).
+    assert fsdp8.weights == (trainable * 4 + (total - trainable) * 2) / 8
+    assert ddp8.weights == total * 4
     assert fsdp8.total < ddp8.total
 
 
