@@ -124,9 +124,12 @@ class ContrastiveRecipe:
             # EfficientNet's differing blocks took minutes on an H100 and generate slower kernels.
             D.compile_model(model, mode="regional" if compile_mode is True else str(compile_mode), dynamic=False)
         dist_cfg = cfg.get("distributed", {}) or {}
+        find_unused = D.freeze_unused_contrastive_parameters(model, dist_cfg.get("find_unused_parameters", "auto"))
         self.task = D.wrap_model(task, strategy=str(dist_cfg.get("strategy", "ddp")), device=self.device,
+                                 find_unused_parameters=find_unused,
                                  mixed_precision=dist_cfg.get("mixed_precision", None),
-                                 reshard_after_forward=bool(dist_cfg.get("reshard_after_forward", True)))
+                                 reshard_after_forward=bool(dist_cfg.get("reshard_after_forward", True)),
+                                 reduce_dtype=dist_cfg.get("reduce_dtype", None))
         self.inner = D.unwrap_model(self.task)  # the ContrastiveTask (FSDP2 shards in place)
         torch.manual_seed(int(cfg.seed) + self.dist.rank)  # per-rank dropout from here on
 

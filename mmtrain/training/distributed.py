@@ -46,6 +46,8 @@ __all__ = [
     "apply_activation_checkpointing",
     "barrier",
     "broadcast_object",
+    "cast_frozen_parameters",
+    "freeze_unused_contrastive_parameters",
     "compile_model",
     "destroy",
     "dual_encoder_forward",
@@ -61,6 +63,10 @@ __all__ = [
 STRATEGIES = ("none", "ddp", "fsdp")
 # Methods of the dual-encoder interface that the contrastive recipe calls on the wrapped model directly.
 _DUAL_ENCODER_METHODS = ("encode_image", "encode_text", "get_logit_scale", "get_logit_bias")
+# Those of them that read sharded weights, so FSDP2 must gather the root's parameters around them. The logit
+# getters read 0-dim parameters that stay replicated (``_replicate_scalar_parameters``), and FSDP2's root
+# pre-forward fails on CUDA for a call without arguments (IndexError in ``_root_pre_forward``, torch 2.11).
+_FSDP_FORWARD_METHODS = ("encode_image", "encode_text")
 
 
 @dataclass(frozen=True)
@@ -244,14 +250,16 @@ def _fsdp_api() -> tuple[Any, Any, Any]:
     return fully_shard, MixedPrecisionPolicy, register_fsdp_forward_method
 
 
-def _mixed_precision_dtype(mixed_precision: bool | str | torch.dtype | None) -> torch.dtype | None:
-    if mixed_precision in (None, False, "none", "no", "fp32", "float32"):
+def _mixed_precision_dtype(mixed_precision: bool | str | torch.dtype | None,
+                           key: str = "distributed.mixed_precision") -> torch.dtype | None:
+    """bf16 / fp16 for a low-precision setting; None for fp32 (no cast)."""
+    if mixed_precision in (None, False, "none", "no", "fp32", "float32", torch.float32):
         return None
     if mixed_precision in (True, "bf16", "bfloat16", torch.bfloat16):
         return torch.bfloat16
     if mixed_precision in ("fp16", "float16", torch.float16):
         return torch.float16
-    raise ConfigError(f"distributed.mixed_precision: expected bf16, fp16 or none, got {mixed_precision!r}")
+    raise ConfigError(f"{key}: expected bf16, fp16 or none, got {mixed_precision!r}")
 
 
 def wrap_model(
@@ -263,25 +271,30 @@ def wrap_model(
     reshard_after_forward: bool = True,
     layer_modules: Sequence[nn.Module] | None = None,
     find_unused_parameters: bool = True,
+    reduce_dtype: str | torch.dtype | None = None,
 ) -> nn.Module:
     """Move ``model`` to ``device`` and wrap it for data parallelism.
 
     - ``"none"`` (or any strategy in a single process): the model itself.
-    - ``"ddp"``: ``DistributedDataParallel``; gradients all-reduced in fp32 (use autocast for bf16 compute).
+    - ``"ddp"``: ``DistributedDataParallel``; gradients all-reduced in fp32 (use autocast for bf16 compute), or in
+      ``reduce_dtype`` bf16/fp16 through DDP's compression hook (half the bytes on the wire; each rank's gradient is
+      rounded once before the sum).
       ``find_unused_parameters`` defaults to True because some dual encoders hold parameters the contrastive loss
       never reaches (ALIGN's BERT pooler, as in HF); pass False for models that use every parameter (CLIP) to
       skip the per-step graph walk.
     - ``"fsdp"``: FSDP2 ``fully_shard`` on each module of ``layer_modules`` (default ``model.layer_modules()``),
       then on the root. ``mixed_precision`` (``True``/``"bf16"``) gives ``MixedPrecisionPolicy(param_dtype=bf16,
       reduce_dtype=fp32)``; ``reshard_after_forward=False`` keeps layers unsharded between forward and backward
-      (more memory, fewer all-gathers). The dual-encoder methods (``encode_image`` ...) are registered as FSDP
-      forward methods, so the recipe may call them on the wrapped model.
+      (more memory, fewer all-gathers). ``reduce_dtype`` (default fp32 with mixed precision) is the dtype of the
+      gradient reduce-scatter. ``encode_image`` and ``encode_text`` are registered as FSDP forward methods, so the
+      recipe may call them on the wrapped model.
 
     State-dict keys stay those of the unwrapped model for FSDP2 (it shards in place); DDP adds ``module.``, which
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` removes.
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"distributed.strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    grad_dtype = _mixed_precision_dtype(reduce_dtype, key="distributed.reduce_dtype")  # checked in one process too
     if device is not None:
         model = model.to(torch.device(device))
     if strategy == "none" or not _initialized():
@@ -289,11 +302,18 @@ def wrap_model(
     if strategy == "ddp":
         dev = next(model.parameters()).device
         device_ids = [dev] if dev.type == "cuda" else None
-        return _ddp_class()(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+        ddp = _ddp_class()(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+        if grad_dtype is not None:
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            hook = default_hooks.bf16_compress_hook if grad_dtype == torch.bfloat16 else default_hooks.fp16_compress_hook
+            ddp.register_comm_hook(None, hook)
+        return ddp
 
     fully_shard, MixedPrecisionPolicy, register_fsdp_forward_method = _fsdp_api()
     param_dtype = _mixed_precision_dtype(mixed_precision)
-    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype,
+                                     reduce_dtype=grad_dtype or (torch.float32 if param_dtype else None))
     for layer in _layer_modules(model, layer_modules):
         fully_shard(layer, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
     # fully_shard cannot shard 0-dim parameters (CLIP's logit_scale, ALIGN's temperature): keep them replicated
@@ -301,10 +321,46 @@ def wrap_model(
     scalars = _replicate_scalar_parameters(model)
     # The root holds embeddings, norms, projections and logit scale; it is needed again right after forward.
     fully_shard(model, reshard_after_forward=False, mp_policy=mp_policy, ignored_params=scalars or None)
-    for name in _DUAL_ENCODER_METHODS:
+    for name in _FSDP_FORWARD_METHODS:
         if callable(getattr(type(model), name, None)):
             register_fsdp_forward_method(model, name)
     return model
+
+
+def freeze_unused_contrastive_parameters(model: nn.Module, setting: bool | str | None = "auto") -> bool:
+    """Freeze what a dual encoder declares unused (``unused_contrastive_parameters()``); returns the
+    ``find_unused_parameters`` value for DDP.
+
+    ``setting`` "auto" (or None): False when the model declares its unused parameters (they are frozen here, so
+    every parameter left trainable gets a gradient each step), else True (an unknown model may leave some
+    unreached, and DDP would wait for their gradients forever). True / False: taken as given, nothing frozen.
+    Frozen parameters would get no gradient anyway, so AdamW leaves them alone either way: training is unchanged.
+    """
+    if setting in (True, False):
+        return bool(setting)
+    if setting not in ("auto", None):
+        raise ConfigError(f"distributed.find_unused_parameters: expected auto, true or false, got {setting!r}")
+    declare = getattr(model, "unused_contrastive_parameters", None)
+    if not callable(declare):
+        return True
+    for param in declare():
+        param.requires_grad_(False)
+    return False
+
+
+def cast_frozen_parameters(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every parameter with ``requires_grad=False`` in ``dtype``; returns how many elements changed dtype.
+
+    Meant for FSDP2 with ``MixedPrecisionPolicy(param_dtype=dtype)``: frozen shards are all-gathered in ``dtype``
+    anyway, so keeping them in ``dtype`` changes no computed value and halves their memory (fp32 -> bf16). Trainable
+    parameters keep their dtype (the optimizer's master copy). Call it before ``wrap_model``.
+    """
+    changed = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            changed += param.numel()
+    return changed
 
 
 _DDP_CLASS: type | None = None

@@ -2,6 +2,7 @@
 
     python tests/distributed/dist_train_tiny.py --strategy none --out one.json
     python -m torch.distributed.run --nproc-per-node 2 tests/distributed/dist_train_tiny.py --strategy fsdp --out two.json
+    ... --device cuda      # one GPU per rank, NCCL (default: cpu, gloo)
 
 Every rank builds the same model from the same seed and takes its slice of the same global batch, so the losses
 must match the single-process run. The loss is computed on embeddings gathered from all ranks with gradient
@@ -57,14 +58,14 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 def plain_clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     image, text = gather_rows(image), gather_rows(text)
     logits = scale * image @ text.T
-    labels = torch.arange(logits.shape[0])
+    labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def plain_siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     image, text = gather_rows(image), gather_rows(text)
     logits = scale * image @ text.T + bias
-    signs = 2 * torch.eye(logits.shape[0]) - 1
+    signs = 2 * torch.eye(logits.shape[0], device=logits.device) - 1
     return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
 
 
@@ -79,8 +80,12 @@ def make_loss(name: str):
     return lambda i, t, s, b: loss(i, t, s, b)
 
 
-def run(strategy: str, steps: int, batch_size: int, loss_name: str, micro_batch_size: int | None = None) -> dict:
-    info = distributed.init_distributed(device="cpu")
+def run(strategy: str, steps: int, batch_size: int, loss_name: str, micro_batch_size: int | None = None,
+        device: str = "cpu") -> dict:
+    info = distributed.init_distributed(device=device)
+    if info.device.type == "cuda":  # fp32 matmuls, so one GPU and two agree to float32 noise
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     split = distributed.split_global_batch(batch_size, info.world_size, micro_batch_size)
     model = build_model(siglip="siglip" in loss_name)
     # CLIP reaches every parameter, and the logit scale is read outside forward (dual_encoder_forward): DDP must
@@ -92,10 +97,10 @@ def run(strategy: str, steps: int, batch_size: int, loss_name: str, micro_batch_
     for step in range(steps):
         batch = global_batch(step, batch_size)
         start = info.rank * split.per_rank_batch_size
-        step_loss = torch.zeros(())
+        step_loss = torch.zeros((), device=info.device)
         for micro in range(split.accumulation_steps):
             lo = start + micro * split.micro_batch_size
-            rows = {k: v[lo : lo + split.micro_batch_size] for k, v in batch.items()}
+            rows = {k: v[lo : lo + split.micro_batch_size].to(info.device) for k, v in batch.items()}
             last = micro == split.accumulation_steps - 1
             with distributed.grad_sync(model, enabled=last):
                 out = distributed.dual_encoder_forward(
@@ -116,7 +121,7 @@ def run(strategy: str, steps: int, batch_size: int, loss_name: str, micro_batch_
         part = local.detach().double().abs().sum()
         if sharded or info.rank == 0:
             checksum += float(part)
-    total = torch.tensor(checksum, dtype=torch.float64)
+    total = torch.tensor(checksum, dtype=torch.float64, device=info.device)
     if info.is_distributed:
         torch.distributed.all_reduce(total)
     result = {"losses": losses, "checksum": float(total), "world_size": info.world_size,
@@ -133,10 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--micro-batch-size", type=int, default=None)
     parser.add_argument("--loss", default="plain-clip")
+    parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per rank)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    result = run(args.strategy, args.steps, args.batch_size, args.loss, args.micro_batch_size)
+    result = run(args.strategy, args.steps, args.batch_size, args.loss, args.micro_batch_size, args.device)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = pathlib.Path(__file__).with_name("dist_train_tiny.py")
@@ -23,10 +24,10 @@ def _script_module():
     return module
 
 
-def single_process(loss: str, steps: int) -> dict:
+def single_process(loss: str, steps: int, device: str = "cpu") -> dict:
     env_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     assert not any(k in os.environ for k in env_keys), "tests run outside torchrun"
-    return _script_module().run("none", steps, 8, loss)
+    return _script_module().run("none", steps, 8, loss, device=device)
 
 
 def torchrun(tmp_path: pathlib.Path, *args: str) -> dict:
@@ -68,6 +69,22 @@ def test_two_ranks_match_one_process(tmp_path, strategy, family):
         assert abs(one - two) < 1e-5, (step, one, two)
     # Weights agree too (sum of |w|; reduction order differs across ranks, and AdamW divides tiny gradients by
     # their own size, so agreement is to float32 noise times lr, not bit for bit).
+    assert result["checksum"] == pytest.approx(reference["checksum"], rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("strategy,family", [("ddp", "clip"), ("fsdp", "siglip")])
+def test_two_gpus_match_one_gpu(tmp_path, strategy, family):
+    # The same check over NCCL, one GPU per rank (TF32 off in the script, so fp32 throughout).
+    steps = 10
+    reference = single_process(f"plain-{family}", steps, device="cuda")
+    result = torchrun(tmp_path, "--strategy", strategy, "--steps", str(steps), "--batch-size", "8",
+                      "--loss", _loss_name(family), "--device", "cuda")
+    assert result["world_size"] == 2
+    assert result["losses"][-1] < result["losses"][0] * 0.8
+    for step, (one, two) in enumerate(zip(reference["losses"], result["losses"])):
+        assert abs(one - two) < 1e-5, (step, one, two)
     assert result["checksum"] == pytest.approx(reference["checksum"], rel=1e-4)
 
 

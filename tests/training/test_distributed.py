@@ -162,3 +162,44 @@ def test_fault_injection_only_on_chosen_rank_step_and_first_attempt(monkeypatch)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           check=False)
     assert proc.returncode == 13 and "survived" not in proc.stdout, proc.stderr
+
+
+def test_unused_contrastive_parameters_are_frozen_and_ddp_skips_its_search():
+    from mmtrain.models.align import align_tiny
+
+    align = align_tiny(vocab_size=64, image_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, vision_width=16)
+    assert distributed.freeze_unused_contrastive_parameters(align) is False
+    frozen = {n for n, p in align.named_parameters() if not p.requires_grad}
+    assert frozen == {"text_model.pooler.dense.weight", "text_model.pooler.dense.bias"}
+    # What was frozen is exactly what the contrastive step leaves without a gradient.
+    pixels, ids = torch.randn(2, 3, 16, 16), torch.randint(1, 64, (2, 8))
+    similarity = align.encode_image(pixels) @ align.encode_text(ids, torch.ones_like(ids)).T
+    (similarity * align.get_logit_scale()).sum().backward()
+    assert all((p.grad is None) == (n in frozen) for n, p in align.named_parameters())
+
+    clip = clip_tiny(vocab_size=64, image_size=16)
+    assert distributed.freeze_unused_contrastive_parameters(clip) is False
+    assert all(p.requires_grad for p in clip.parameters())
+    unknown = nn.Linear(2, 2)  # declares nothing: DDP must keep searching
+    assert distributed.freeze_unused_contrastive_parameters(unknown) is True
+    assert distributed.freeze_unused_contrastive_parameters(clip, True) is True
+    with pytest.raises(ConfigError, match="distributed.find_unused_parameters"):
+        distributed.freeze_unused_contrastive_parameters(clip, "sometimes")
+
+
+def test_cast_frozen_parameters_touches_only_frozen_floating_weights():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    before = model[0].weight.detach().clone()
+    changed = distributed.cast_frozen_parameters(model, torch.bfloat16)
+    assert changed == 3 * 4 + 4
+    assert model[0].weight.dtype == model[0].bias.dtype == torch.bfloat16
+    assert model[1].weight.dtype == torch.float32 and model[1].weight.requires_grad
+    assert torch.equal(model[0].weight, before.to(torch.bfloat16))  # the rounding FSDP's bf16 gather would apply
+    assert distributed.cast_frozen_parameters(model, torch.bfloat16) == 0
+
+
+def test_bf16_gradient_reduction_is_a_config_error_when_misspelled():
+    with pytest.raises(ConfigError, match="distributed.reduce_dtype"):
+        distributed.wrap_model(nn.Linear(2, 2), strategy="ddp", reduce_dtype="bf61")

@@ -146,6 +146,12 @@ class AlignModel(nn.Module):
     def get_logit_bias(self) -> None:
         return None
 
+    def unused_contrastive_parameters(self) -> list[nn.Parameter]:
+        """Parameters that ``encode_image`` / ``encode_text`` never reach: BERT's tanh pooler (HF computes it and
+        drops it too). The contrastive recipe freezes them, so DDP can skip its per-step search for unused ones."""
+        pooler = getattr(self.text_model, "pooler", None)
+        return list(pooler.parameters()) if pooler is not None else []
+
     def layer_modules(self) -> list[nn.Module]:
         """BERT layers then MBConv blocks (units for FSDP2 sharding, activation checkpointing, regional compile)."""
         return self.text_model.layer_modules() + self.vision_model.layer_modules()

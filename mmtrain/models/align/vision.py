@@ -51,8 +51,28 @@ def torch_batch_norm_momentum(config: AlignVisionConfig) -> float:
     return 1.0 - config.batch_norm_momentum
 
 
+class FloatParamsBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that runs with its scale and shift in the running statistics' dtype (float32).
+
+    FSDP2 with ``param_dtype=bf16`` hands the layer bf16 parameters but leaves the float32 buffers alone, and
+    ``F.batch_norm`` refuses bf16 parameters with float32 statistics. Casting the parameters back is what autocast
+    gives under DDP: bf16 (or fp32) input, float32 affine and statistics. Same state-dict keys as ``nn.BatchNorm2d``.
+    x: (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.running_mean is None or self.weight.dtype == self.running_mean.dtype:
+            return super().forward(x)
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        momentum = 0.0 if self.momentum is None else self.momentum  # None (cumulative average) is never built here
+        dtype = self.running_mean.dtype
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight.to(dtype), self.bias.to(dtype),
+                            self.training, momentum, self.eps)
+
+
 def _batch_norm(config: AlignVisionConfig, channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, eps=config.batch_norm_eps, momentum=torch_batch_norm_momentum(config))
+    return FloatParamsBatchNorm2d(channels, eps=config.batch_norm_eps, momentum=torch_batch_norm_momentum(config))
 
 
 def drop_connect(x: torch.Tensor, rate: float | torch.Tensor, training: bool) -> torch.Tensor:

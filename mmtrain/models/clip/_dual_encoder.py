@@ -104,6 +104,10 @@ class CLIPDualEncoder(nn.Module):
     def get_logit_bias(self) -> torch.Tensor | None:
         return self.logit_bias
 
+    def unused_contrastive_parameters(self) -> list[nn.Parameter]:
+        """None: the contrastive step reaches every parameter (DDP need not search for unused ones)."""
+        return []
+
     def layer_modules(self) -> list[nn.Module]:
         return _layers_of(self.vision_encoder) + _layers_of(self.text_encoder)
 

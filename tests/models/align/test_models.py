@@ -91,6 +91,35 @@ def test_batch_norm_momentum_is_pytorch_convention():
     torch.testing.assert_close(stem_bn.running_mean.double(), 0.01 * batch_mean, atol=1e-6, rtol=1e-4)
 
 
+def test_batch_norm_with_bf16_parameters_runs_on_float_statistics():
+    """FSDP2 with bf16 compute hands each batch norm bf16 scale/shift beside float32 running statistics; the layer
+    computes with them cast back to float32 and updates the statistics as a float32 batch norm would."""
+    from mmtrain.models.align.vision import FloatParamsBatchNorm2d
+
+    torch.manual_seed(0)
+    norm = FloatParamsBatchNorm2d(4, eps=1e-3, momentum=0.01).train()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1.0, 1.0)
+    norm.weight.data, norm.bias.data = norm.weight.data.to(torch.bfloat16), norm.bias.data.to(torch.bfloat16)
+    x = torch.randn(3, 4, 5, 5) * 2 + 1
+    y = norm(x)
+
+    x64 = x.double()
+    mean, var = x64.mean(dim=(0, 2, 3)), x64.var(dim=(0, 2, 3), unbiased=False)
+    weight, bias = norm.weight.double(), norm.bias.double()
+    expected = ((x64 - mean[None, :, None, None]) / torch.sqrt(var + 1e-3)[None, :, None, None]
+                * weight[None, :, None, None] + bias[None, :, None, None])
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+    assert norm.running_mean.dtype == torch.float32 and int(norm.num_batches_tracked) == 1
+    torch.testing.assert_close(norm.running_mean.double(), 0.01 * mean, atol=1e-6, rtol=1e-5)
+    unbiased = x64.var(dim=(0, 2, 3), unbiased=True)
+    torch.testing.assert_close(norm.running_var.double(), 0.99 + 0.01 * unbiased, atol=1e-6, rtol=1e-5)
+    y.sum().backward()
+    assert norm.weight.grad.dtype == torch.bfloat16 and norm.bias.grad.dtype == torch.bfloat16
+
+
 def test_drop_connect_drops_whole_samples():
     config = AlignVisionConfig(image_size=16, width_coefficient=0.25, depth_coefficient=2.0, drop_connect_rate=0.9)
     model = AlignVisionModel(config).train()
