@@ -6,11 +6,14 @@ next-token cross-entropy on answer tokens only. Evaluation decodes greedy answer
 (KV caches, encoder run once per prompt) and logs ``val/answer_acc`` (exact match) to metrics.jsonl.
 
 Config keys: output_dir, seed, max_steps, resume, batch_size, precision (fp32|bf16), sdpa_backend
-(auto|cudnn|flash|efficient|math), compile (none|regional|whole),
-activation_checkpointing, distributed.{strategy,world_size,reduce_dtype}, checkpoint.{every_n_steps (0: none, else also the last step),keep}, eval.{every_n_steps,
-batch_size,max_new_tokens,max_samples}, log.{every_n_steps,wandb,progress_bar}, nonfinite.{policy,max_consecutive}
-(a NaN/inf loss or gradient norm: skip the step, or stop after that many in a row), tokenizer, dataset, model,
-optimizer, lr_scheduler.
+(auto|cudnn|flash|efficient|math), compile (none|regional|whole), activation_checkpointing,
+distributed.{strategy,world_size,reduce_dtype}, checkpoint.{every_n_steps (0: no checkpoint; else also the last
+step),keep}, eval.{every_n_steps,batch_size,max_new_tokens,max_samples}, log.{every_n_steps,wandb,progress_bar},
+nonfinite.{policy,max_consecutive} (a NaN/inf loss or gradient norm: skip the step, or stop after that many in a
+row), tokenizer, dataset, model, optimizer, lr_scheduler.
+
+On a GPU the model is built on the device. Under FSDP2 with bf16 on several GPUs, frozen weights are stored in bf16.
+The log's step_s, samples_per_s and peak_mem_gib cover the training steps since the previous log line.
 """
 
 from __future__ import annotations

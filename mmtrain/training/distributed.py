@@ -47,10 +47,10 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "cast_frozen_parameters",
-    "freeze_unused_contrastive_parameters",
     "compile_model",
     "destroy",
     "dual_encoder_forward",
+    "freeze_unused_contrastive_parameters",
     "get_dist_info",
     "grad_sync",
     "init_distributed",
@@ -281,7 +281,7 @@ def wrap_model(
       rounded once before the sum).
       ``find_unused_parameters`` defaults to True because some dual encoders hold parameters the contrastive loss
       never reaches (ALIGN's BERT pooler, as in HF); pass False for models that use every parameter (CLIP) to
-      skip the per-step graph walk.
+      skip the per-step graph walk (``freeze_unused_contrastive_parameters`` decides it for the recipe).
     - ``"fsdp"``: FSDP2 ``fully_shard`` on each module of ``layer_modules`` (default ``model.layer_modules()``),
       then on the root. ``mixed_precision`` (``True``/``"bf16"``) gives ``MixedPrecisionPolicy(param_dtype=bf16,
       reduce_dtype=fp32)``; ``reshard_after_forward=False`` keeps layers unsharded between forward and backward
