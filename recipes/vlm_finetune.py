@@ -232,8 +232,10 @@ def main(cfg: DictConfig) -> dict:
         apply_activation_checkpointing(model)
     compile_model(model, mode=str(cfg.get("compile", "none") or "none"))
     fsdp_mp = precision if strategy == "fsdp" else None
-    use_autocast = precision == "bf16" and not (strategy == "fsdp" and world > 1)
-    if precision == "bf16" and not use_autocast:
+    # Sharded on several ranks, FSDP2 casts parameters to bf16 itself; otherwise autocast does the bf16 compute.
+    fsdp_bf16 = precision == "bf16" and strategy == "fsdp" and world > 1
+    use_autocast = precision == "bf16" and not fsdp_bf16
+    if fsdp_bf16:
         cast_frozen_parameters(model, torch.bfloat16)  # FSDP gathers them in bf16 anyway: same numbers, half memory
     model = wrap_model(model, strategy=strategy, device=device, mixed_precision=fsdp_mp,
                        find_unused_parameters=False, reduce_dtype=OmegaConf.select(cfg, "distributed.reduce_dtype"))
@@ -252,7 +254,7 @@ def main(cfg: DictConfig) -> dict:
                     yield
             else:
                 yield
-    compute_dtype = torch.bfloat16 if precision == "bf16" and strategy == "fsdp" and world > 1 else None
+    compute_dtype = torch.bfloat16 if fsdp_bf16 else None
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
