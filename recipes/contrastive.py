@@ -8,7 +8,8 @@ One optimizer step, as data flows through it (B = per-rank micro-batch, D = embe
     x gradient_accumulation_steps micro-batches -> clip grad norm -> NaN policy -> optimizer + schedule step
 
 The global batch is ``batch_size``: each of the world's ranks takes batch_size / world samples per step, in
-``gradient_accumulation_steps`` micro-batches. Around the loop: eval every ``eval.every_n_steps`` and at the end,
+``gradient_accumulation_steps`` micro-batches; on one GPU the whole step is replayed as a CUDA graph where it can be
+(``cuda_graph: auto``, see ``_use_cuda_graph``). Around the loop: eval every ``eval.every_n_steps`` and at the end,
 checkpoints every ``checkpoint.every_n_steps`` (resume: auto|none|path), metrics to stdout / metrics.jsonl /
 wandb / TensorBoard, and at the end the exported model, metrics.png and a one-line summary.
 
@@ -34,6 +35,7 @@ from mmtrain.errors import ConfigError
 from mmtrain.modules.attention.sdpa_backend import SDPA_BACKENDS, sdpa_backend, sdpa_backend_order
 from mmtrain.training import distributed as D
 from mmtrain.training.checkpoint import CheckpointManager, export_model
+from mmtrain.training.cuda_graph import GraphedStep
 from mmtrain.training.metrics import MetricLogger
 from mmtrain.training.nonfinite import NonFiniteGuard
 from mmtrain.training.retrieval import caption_ids_from_tokens, gather_eval_outputs, retrieval_metrics
@@ -284,6 +286,56 @@ class ContrastiveRecipe:
         sharded = strategy == "fsdp" and self.dist.is_distributed  # one process never shards (wrap_model)
         return supported and self.device.type == "cuda" and not sharded
 
+    def _use_cuda_graph(self, device_skip: bool) -> bool:
+        """Whether the step is captured and replayed as one CUDA graph (``cuda_graph``: auto, true, false).
+
+        ``auto``: on CUDA where the step has what a graph needs: one process (no DDP/FSDP collectives in it), one
+        micro-batch per step, no per-step host sync (``host_sync`` resolving to ``log``), no activation checkpointing
+        (its RNG bookkeeping reads generator state on the host), and an optimizer with a ``capturable`` mode.
+        ``true`` asks for it and names the first condition that is not met.
+        """
+        mode = self.cfg.get("cuda_graph", "auto")
+        if not (isinstance(mode, bool) or mode == "auto"):  # not `in (True, False)`: 1 == True
+            raise ConfigError(f"cuda_graph: expected auto, true or false, got {mode!r}")
+        if mode is False:
+            return False
+        unmet = None
+        if self.device.type != "cuda":
+            unmet = "it needs a CUDA device"
+        elif self.dist.is_distributed:
+            unmet = "it runs in one process only (the DDP/FSDP collectives are not captured)"
+        elif self.split.accumulation_steps != 1:
+            unmet = "it needs gradient_accumulation_steps: 1"
+        elif not device_skip:
+            unmet = "it needs the non-finite check on the device (host_sync: log, or auto with a fused optimizer)"
+        elif self.cfg.get("activation_checkpointing", False):
+            unmet = "activation_checkpointing reads the RNG state on the host, which a capture forbids"
+        elif not all("capturable" in group for group in self.optimizer.param_groups):
+            unmet = f"{type(self.optimizer).__name__} has no capturable mode"
+        if unmet is None:
+            return True
+        if mode is True:
+            raise ConfigError(f"cuda_graph=true: {unmet}; use cuda_graph=auto or false")
+        return False
+
+    def _device_step(self, params: list[torch.Tensor], clip: float) -> Any:
+        """The whole optimizer step on the device, with no host sync: ``(inputs) -> (loss (), grad_norm ())``.
+
+        Only with ``device_skip`` and one micro-batch: a non-finite loss or gradient leaves the weights untouched
+        through fused AdamW's ``found_inf``.
+        """
+        def step(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._forward_backward(inputs, 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            self.optimizer.grad_scale = None
+            self.optimizer.found_inf = (~finite).to(torch.float32)
+            self.optimizer.step()
+            return loss, grad_norm.detach()
+
+        return step
+
     def train(self) -> None:
         cfg = self.cfg
         eval_every = (cfg.get("eval", {}) or {}).get("every_n_steps", None)
@@ -315,35 +367,52 @@ class ContrastiveRecipe:
         if self.step >= self.max_steps:
             self.logger.print(f"step {self.step} >= max_steps {self.max_steps}: nothing left to train "
                               "(resume=none starts over)")
+        graphed = None
+        if self._use_cuda_graph(device_skip):
+            graphed = GraphedStep(self._device_step(params, float(clip) if clip else float("inf")), self.optimizer)
+            self.logger.print("cuda_graph: the step is captured after 3 eager steps and replayed as one CUDA graph")
         while self.step < self.max_steps:
             step = self.step + 1
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=self.device)
-            for micro in range(accumulation):
+            if graphed is not None:
                 batch = self._to_device(next(batches))
                 skipped_images += int(batch["num_skipped"])
                 window_samples += int(batch["index"].numel())
-                with D.grad_sync(self.task, enabled=micro == accumulation - 1):
-                    if self.flops_per_step is None and self.peak_flops is not None:
-                        flops, loss = count_flops(lambda: self._forward_backward(batch, 1.0 / accumulation))  # noqa: B023
-                        self.flops_per_step = flops * accumulation
-                    else:
-                        loss = self._forward_backward(batch, 1.0 / accumulation)
-                loss_sum += loss
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, float(clip) if clip else float("inf"),
-                                                       foreach=self.device.type == "cuda")
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            step_loss = D.all_reduce_mean(loss_sum / accumulation)
-            if device_skip:
-                # fused AdamW leaves weights, moments and its step count untouched where found_inf is 1
-                finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
-                self.optimizer.grad_scale = None
-                self.optimizer.found_inf = (~finite).to(torch.float32)
-                self.optimizer.step()
-                pending.append((step, step_loss, grad_norm.detach()))
-            elif settle(step, step_loss.item(), float(grad_norm)):
-                self.optimizer.step()
+                inputs = {key: batch[key] for key in ("pixel_values", "input_ids", "attention_mask")}
+                if self.flops_per_step is None and self.peak_flops is not None:
+                    flops, outputs = count_flops(lambda: graphed(inputs))  # noqa: B023 - an eager warm-up step
+                    self.flops_per_step = flops
+                else:
+                    outputs = graphed(inputs)
+                # the graph's static outputs are overwritten by the next replay: keep copies until they are read
+                pending.append((step, outputs[0].clone(), outputs[1].clone()))
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_sum = torch.zeros((), device=self.device)
+                for micro in range(accumulation):
+                    batch = self._to_device(next(batches))
+                    skipped_images += int(batch["num_skipped"])
+                    window_samples += int(batch["index"].numel())
+                    with D.grad_sync(self.task, enabled=micro == accumulation - 1):
+                        if self.flops_per_step is None and self.peak_flops is not None:
+                            flops, loss = count_flops(lambda: self._forward_backward(batch, 1.0 / accumulation))  # noqa: B023
+                            self.flops_per_step = flops * accumulation
+                        else:
+                            loss = self._forward_backward(batch, 1.0 / accumulation)
+                    loss_sum += loss
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, float(clip) if clip else float("inf"),
+                                                           foreach=self.device.type == "cuda")
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+                step_loss = D.all_reduce_mean(loss_sum / accumulation)
+                if device_skip:
+                    # fused AdamW leaves weights, moments and its step count untouched where found_inf is 1
+                    finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+                    self.optimizer.grad_scale = None
+                    self.optimizer.found_inf = (~finite).to(torch.float32)
+                    self.optimizer.step()
+                    pending.append((step, step_loss, grad_norm.detach()))
+                elif settle(step, step_loss.item(), float(grad_norm)):
+                    self.optimizer.step()
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
             self.step = step
@@ -516,6 +585,9 @@ def validate(cfg: DictConfig, report) -> None:
         report.error("sdpa_backend", f"must be auto or one of {', '.join(SDPA_BACKENDS)}, got {cfg.get('sdpa_backend')!r}")
     if str(cfg.get("host_sync", "auto")) not in ("auto", "step", "log"):
         report.error("host_sync", f"must be auto, step or log, got {cfg.get('host_sync')!r}")
+    cuda_graph = cfg.get("cuda_graph", "auto")
+    if not (isinstance(cuda_graph, bool) or cuda_graph == "auto"):
+        report.error("cuda_graph", f"must be auto, true or false, got {cfg.get('cuda_graph')!r}")
     if cfg.get("decode_on_device", False) not in (True, False):
         report.error("decode_on_device", f"must be true or false, got {cfg.get('decode_on_device')!r}")
     if cfg.get("normalize_on_device", "auto") not in ("auto", True, False):
