@@ -3,11 +3,13 @@
 Each variant runs forward + contrastive loss + backward + optimizer step on random images and 64-token texts.
 Reports samples/s (median over timed steps, CUDA events after warm-up) and peak memory. Variants, in this order:
 HF transformers' ``AlignModel`` when importable (same optimizer, same autocast), mmtrain eager (channels_last, bf16
-autocast, fused AdamW, SDPA), mmtrain with each MBConv block and BERT layer compiled (``--compile-modes regional``,
-the recipe's ``compile: regional``) and with the whole step under ``torch.compile`` (``whole``).
+autocast, fused AdamW, SDPA), the same step captured once and replayed as a CUDA graph (``mmtrain_cuda_graph``, the
+recipe's ``cuda_graph: auto``; ``--no-cuda-graph`` skips it), mmtrain with each MBConv block and BERT layer compiled
+(``--compile-modes regional``, the recipe's ``compile: regional``; also graphed unless ``--no-cuda-graph``) and with
+the whole step under ``torch.compile`` (``whole``).
 
     mmtrain bench align [--batch 64] [--steps 10] [--no-compile] [--compile-modes regional,whole] [--no-hf]
-                        [--out bench_results/align.json]
+                        [--no-cuda-graph] [--out bench_results/align.json]
     mmtrain bench align --smoke      # tiny CPU run (tests use it)
 """
 
@@ -29,6 +31,7 @@ from mmtrain.bench._timing import measure_variant, step_bench_parser, time_steps
 from mmtrain.errors import UserError
 from mmtrain.losses import AlignLoss
 from mmtrain.models.align import AlignConfig, AlignModel
+from mmtrain.training.cuda_graph import GraphedStep
 from mmtrain.training.distributed import compile_model
 
 SMOKE_CONFIG = dict(
@@ -50,6 +53,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-modes", default="regional,whole",
                    help="compiled mmtrain variants, in order: regional (each MBConv block and BERT layer, what the "
                         "recipe's compile=regional does), whole (the whole step under torch.compile)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="skip the variants whose step is replayed as one CUDA graph (CUDA only)")
     return p.parse_args(argv)
 
 
@@ -91,7 +96,7 @@ def _hf_step(model: nn.Module) -> Callable[[dict], torch.Tensor]:
 
 
 def _run_variant(name: str, build: Callable[[], tuple[nn.Module, Callable]], args: argparse.Namespace,
-                 device: torch.device, channels_last: bool) -> dict[str, Any]:
+                 device: torch.device, channels_last: bool, cuda_graph: bool = False) -> dict[str, Any]:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -108,16 +113,23 @@ def _run_variant(name: str, build: Callable[[], tuple[nn.Module, Callable]], arg
     autocast_dtype = torch.bfloat16
     times: list[float] = []
 
-    def one_step() -> torch.Tensor:
+    def one_step(inputs: dict[str, torch.Tensor] = batch) -> tuple[torch.Tensor]:
+        optimizer.zero_grad(set_to_none=True)  # noqa: F821
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=device.type == "cuda"):
-            loss = step_fn(batch)
+            loss = step_fn(inputs)
         loss.backward()
         optimizer.step()  # noqa: F821
-        optimizer.zero_grad(set_to_none=True)  # noqa: F821
-        return loss
+        return (loss.detach(),)
+
+    step = partial(one_step, batch)
+    if cuda_graph:
+        graphed = GraphedStep(one_step, optimizer)
+        step = partial(graphed, batch)
+        for _ in range(graphed.warmup_steps + 1):  # eager warm-ups and the capture stay out of the timed steps
+            step()
 
     try:
-        times = time_steps(one_step, warmup=args.warmup, steps=args.steps, device=device)
+        times = time_steps(step, warmup=args.warmup, steps=args.steps, device=device)
     except torch.cuda.OutOfMemoryError:
         return {"name": name, "error": "out of memory"}
     step_s = statistics.median(times)
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_compile:
         modes = []
     # The peer first, in a fresh process; the slowest compile last, so a time limit costs only that variant.
-    variants: list[tuple[str, Callable, bool]] = []
+    variants: list[tuple[str, Callable, bool, bool]] = []  # name, build, channels_last, cuda_graph
     hf_error = None
     if not args.no_hf:
         try:
@@ -170,15 +182,22 @@ def main(argv: list[str] | None = None) -> int:
                 model = HFAlignModel(HFAlignConfig(**config_dict))
                 return model, _hf_step(model)
 
-            variants.append(("transformers", build_hf, False))
+            variants.append(("transformers", build_hf, False, False))
         except ImportError as err:
             hf_error = f"transformers not importable: {err}"
-    variants.append(("mmtrain", build_mmtrain("none"), True))
+    variants.append(("mmtrain", build_mmtrain("none"), True, False))
     names = {"regional": "mmtrain_regional_compile", "whole": "mmtrain_compiled"}
-    variants += [(names[mode], build_mmtrain(mode), True) for mode in modes]
+    graph = device.type == "cuda" and not args.no_cuda_graph
+    if graph:
+        variants.append(("mmtrain_cuda_graph", build_mmtrain("none"), True, True))
+    for mode in modes:
+        variants.append((names[mode], build_mmtrain(mode), True, False))
+        if graph and mode == "regional":
+            variants.append((f"{names[mode]}_cuda_graph", build_mmtrain(mode), True, True))
     results = []
-    for name, build, channels_last in variants:
-        results.append(measure_variant(name, partial(_run_variant, name, build, args, device, channels_last)))
+    for name, build, channels_last, cuda_graph in variants:
+        results.append(measure_variant(name, partial(_run_variant, name, build, args, device, channels_last,
+                                                     cuda_graph)))
     report = {
         "benchmark": "align_train_step",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
