@@ -118,6 +118,9 @@ class ContrastiveRecipe:
         self.tokenizer = instantiate(cfg.tokenizer)
         self._check_vocab(model)
         task = ContrastiveTask(model, loss_fn)
+        self.channels_last = self._use_channels_last(model)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)  # the conv weights; .to(device) later keeps their strides
         if cfg.get("activation_checkpointing", False):
             D.apply_activation_checkpointing(model)
         compile_mode = cfg.get("compile", False)
@@ -196,6 +199,17 @@ class ContrastiveRecipe:
             f"{self.split.micro_batch_size}, {self.device}, {precision}, {self.max_steps} steps"
             + (f", resuming at step {self.step}" if self.step else ""))
 
+    def _use_channels_last(self, model: nn.Module) -> bool:
+        """``channels_last``: auto (on CUDA for image towers with 2-D batch norm, i.e. convnets such as ALIGN's
+        EfficientNet, whose cuDNN depthwise convolutions and batch norms run NHWC-native; ViTs convolve once, in
+        the patch embedding, and stay as they are), true, false."""
+        setting = self.cfg.get("channels_last", "auto")
+        if not (isinstance(setting, bool) or setting == "auto"):
+            raise ConfigError(f"channels_last: expected auto, true or false, got {setting!r}")
+        if setting == "auto":
+            return self.device.type == "cuda" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        return setting
+
     def _micro_batch(self) -> int | None:
         accumulation = int(self.cfg.get("gradient_accumulation_steps", 1) or 1)
         if accumulation < 1:
@@ -257,6 +271,8 @@ class ContrastiveRecipe:
         normalizer = getattr(loader if loader is not None else self.loader, "pixel_normalizer", None)
         if normalizer is not None and moved.get("pixel_values") is not None:
             moved["pixel_values"] = normalizer(moved["pixel_values"])
+        if self.channels_last and moved.get("pixel_values") is not None:
+            moved["pixel_values"] = moved["pixel_values"].contiguous(memory_format=torch.channels_last)
         return moved
 
     def _forward_backward(self, batch: dict[str, Any], scale: float) -> torch.Tensor:
@@ -585,9 +601,10 @@ def validate(cfg: DictConfig, report) -> None:
         report.error("sdpa_backend", f"must be auto or one of {', '.join(SDPA_BACKENDS)}, got {cfg.get('sdpa_backend')!r}")
     if str(cfg.get("host_sync", "auto")) not in ("auto", "step", "log"):
         report.error("host_sync", f"must be auto, step or log, got {cfg.get('host_sync')!r}")
-    cuda_graph = cfg.get("cuda_graph", "auto")
-    if not (isinstance(cuda_graph, bool) or cuda_graph == "auto"):
-        report.error("cuda_graph", f"must be auto, true or false, got {cfg.get('cuda_graph')!r}")
+    for key in ("cuda_graph", "channels_last"):
+        setting = cfg.get(key, "auto")
+        if not (isinstance(setting, bool) or setting == "auto"):
+            report.error(key, f"must be auto, true or false, got {setting!r}")
     if cfg.get("decode_on_device", False) not in (True, False):
         report.error("decode_on_device", f"must be true or false, got {cfg.get('decode_on_device')!r}")
     if cfg.get("normalize_on_device", "auto") not in ("auto", True, False):

@@ -220,3 +220,71 @@ def test_host_sync_log_needs_an_optimizer_that_skips_on_the_device(tmp_path):
 
     with pytest.raises(ConfigError, match="host_sync=log: AdamW cannot skip"):
         _recipe().main(tiny_cfg(tmp_path, host_sync="log", **{"optimizer.fused": False}))
+
+
+def test_channels_last_trains_like_contiguous_and_resumes(tmp_path, monkeypatch):
+    """channels_last=true (auto picks it on CUDA for convnet towers) changes strides, not numbers; its checkpoints
+    resume and its export loads."""
+    from safetensors.torch import load_file
+
+    recipe = _recipe()
+    formats = []
+    original = recipe.ContrastiveTask.forward
+
+    def forward(self, pixel_values, *args):
+        formats.append((pixel_values.is_contiguous(memory_format=torch.channels_last),
+                        self.model.vision_model.embeddings.convolution.weight.is_contiguous(
+                            memory_format=torch.channels_last)))
+        return original(self, pixel_values, *args)
+
+    monkeypatch.setattr(recipe.ContrastiveTask, "forward", forward)
+    recipe.main(tiny_cfg(tmp_path / "nchw", channels_last=False))
+    assert set(formats) == {(False, False)}
+    formats.clear()
+    recipe.main(tiny_cfg(tmp_path / "nhwc", channels_last=True))
+    assert set(formats) == {(True, True)}
+    monkeypatch.undo()
+    nchw, nhwc = _losses(tmp_path / "nchw"), _losses(tmp_path / "nhwc")
+    assert sorted(nchw) == sorted(nhwc) == list(range(1, 7))
+    assert math.isclose(nchw[1], nhwc[1], rel_tol=1e-5)  # the same weights and batch: only summation order differs
+    for step in nchw:  # float32 rounding differences, grown by five steps of training at lr 5e-3
+        assert math.isclose(nchw[step], nhwc[step], rel_tol=1e-3), step
+
+    resumed = tmp_path / "nhwc_resumed"
+
+    def die_at_step_5(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe.D, "maybe_inject_fault", die_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(tiny_cfg(resumed, channels_last=True))
+    monkeypatch.undo()
+    recipe.main(tiny_cfg(resumed, channels_last=True))  # resume: auto, from step 3
+    for step in (4, 5, 6):
+        assert _losses(resumed)[step] == nhwc[step], step
+    a, b = load_file(str(tmp_path / "nhwc" / "model" / "model.safetensors")), load_file(
+        str(tmp_path / "nchw" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()  # the export is written (safetensors takes contiguous tensors only) and complete
+    assert all(a[key].shape == b[key].shape and a[key].is_contiguous() for key in a)
+
+
+def test_channels_last_auto_stays_off_on_cpu_and_refuses_unknown_values(tmp_path):
+    from mmtrain.errors import ConfigError
+
+    from mmtrain.models.align import align_tiny
+    from mmtrain.models.clip._dual_builders import clip_tiny
+
+    recipe = _recipe()
+    r = recipe.ContrastiveRecipe(tiny_cfg(tmp_path, max_steps=1))
+    r.setup()
+    try:
+        assert r.channels_last is False  # auto: CPU
+    finally:
+        r.cleanup()
+    # auto on CUDA: the convnet tower (batch norms) goes NHWC, the ViT stays as it is
+    r.device = torch.device("cuda")
+    assert r._use_channels_last(align_tiny(vocab_size=72, image_size=16)) is True
+    assert r._use_channels_last(clip_tiny(vocab_size=72, image_size=16, context_length=8)) is False
+    with pytest.raises(ConfigError, match="channels_last: expected auto, true or false, got 'nhwc'"):
+        recipe.main(tiny_cfg(tmp_path / "bad", channels_last="nhwc"))
