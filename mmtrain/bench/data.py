@@ -1,6 +1,7 @@
 """Data benchmark: JPEG image folder -> augmented 224 px contrastive batches, images/s.
 
-    mmtrain bench data [--path DIR] [--num-workers 8] [--batch-size 256] [--out bench_results/data.json]
+    mmtrain bench data [--path DIR] [--num-workers 8] [--batch-size 256] [--no-persistent-workers]
+                       [--out bench_results/data.json]
 
 Paths measured (each a row of the table and an entry of the JSON):
 - ``cpu``: the training loader as the recipe builds it (``image_folder`` + ``build_contrastive_loader``): PIL
@@ -42,6 +43,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="comma list of cpu,cpu_uint8,decode_on_device")
     parser.add_argument("--no-draft-decode", action="store_true",
                         help="decode JPEGs at full size (default: reduced-scale decode where the crop allows)")
+    parser.add_argument("--no-persistent-workers", action="store_true",
+                        help="start the workers again at each epoch (the loader's default keeps them)")
     parser.add_argument("--out", default="bench_results/data.json")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run for tests")
     args = parser.parse_args(argv)
@@ -96,6 +99,7 @@ def bench_cpu(path: str, args, normalize_on_device: bool = False, decode_on_devi
         dataset, shapes_tokenizer(16), batch_size=args.batch_size, shuffle=True, seed=0,
         num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
         normalize_on_device=normalize_on_device, decode_on_device=device if decode_on_device else None,
+        persistent_workers=not args.no_persistent_workers,
     )
 
     def on_device():
@@ -114,7 +118,7 @@ def bench_cpu(path: str, args, normalize_on_device: bool = False, decode_on_devi
     name = "decode_on_device" if decode_on_device else "cpu_uint8" if normalize_on_device else "cpu"
     return {"path": name, "images": images, "seconds": seconds,
             "images_per_s": images / seconds, "num_workers": args.num_workers,
-            "draft_decode": not args.no_draft_decode}
+            "draft_decode": not args.no_draft_decode, "persistent_workers": not args.no_persistent_workers}
 
 
 def main(argv: list[str] | None = None) -> int:

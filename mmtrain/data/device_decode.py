@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mmtrain.data.loader import ContrastiveCollator, TransformedDataset, _mix
+from mmtrain.data.loader import ContrastiveCollator, TransformedDataset, _mix, split_sample_key
 from mmtrain.errors import ConfigError, DataError
 
 __all__ = ["DeviceImageDecoder", "EncodedCollator", "EncodedImageDataset"]
@@ -59,17 +59,18 @@ class EncodedImageDataset(TransformedDataset):
             raise ConfigError("decode_on_device: applies to the training transform only")
         super().__init__(dataset, image_transform, seed=seed)
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+        epoch, index = split_sample_key(key, self.epoch)
         source, _ = self.dataset._source_of(index)
         text = self.dataset.captions[index]
-        seed = _mix(self.seed, self.epoch, index)
+        seed = _mix(self.seed, epoch, index)
         try:
             data = None if isinstance(source, Image.Image) else _read_bytes(source)
             header = None if data is None else _jpeg_header(data, getattr(self.dataset, "max_image_pixels", None))
         except Exception:  # noqa: BLE001 - unreadable here: the CPU path decides (it skips and counts what fails)
             header = None
         if header is None:  # not a plain RGB/grayscale JPEG: the CPU path decodes it
-            item = super().__getitem__(index)
+            item = super().__getitem__((epoch, index))
             return None if item is None else {"pixel_values": item["pixel_values"], "text": text, "index": index}
         width, height = header
         transform = self.image_transform

@@ -15,7 +15,8 @@ batch_size in it. So the same global batches come in the same order on any world
 the data position is one number: the samples each rank has consumed this epoch.
 
 Augmentation randomness comes from (seed, epoch, index) per sample (see ``transforms``), so a resumed run sees
-the same pixels as an uninterrupted one, whatever the worker count.
+the same pixels as an uninterrupted one, whatever the worker count. The sampler hands the workers ``(epoch, index)``
+keys, so they stay alive from one epoch to the next (``persistent_workers``) and still draw each epoch's crops.
 """
 
 from __future__ import annotations
@@ -155,10 +156,33 @@ def _mix(*values: int) -> int:
     return (zlib.crc32(text) << 31) ^ zlib.crc32(text + b"#")
 
 
+def split_sample_key(key: int | tuple[int, int], default_epoch: int) -> tuple[int, int]:
+    """``(epoch, index)`` from a sampler key: an ``(epoch, index)`` pair, or a bare index in ``default_epoch``."""
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[1])
+    return int(default_epoch), int(key)
+
+
+class EpochTaggedSampler(Sampler):
+    """Yields ``(epoch, index)`` for each index of a ``ResumableDistributedSampler``: a persistent worker learns a
+    sample's epoch from its key, as it is never forked again to see the dataset's ``epoch`` attribute."""
+
+    def __init__(self, sampler: ResumableDistributedSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, int(index)) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class TransformedDataset(Dataset):
     """Applies the image transform per sample: item -> {"pixel_values", "text", "index"} or None (unreadable).
 
-    The augmentation seed of a sample is a function of (seed, epoch, index) only.
+    The augmentation seed of a sample is a function of (seed, epoch, index) only. Keys are ``(epoch, index)``
+    pairs (``EpochTaggedSampler``) or bare indices, read in ``self.epoch``.
     """
 
     def __init__(self, dataset: Dataset, image_transform, seed: int = 0) -> None:
@@ -170,11 +194,12 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+        epoch, index = split_sample_key(key, self.epoch)
         item = self.dataset[index]
         if item is None:
             return None
-        pixels = self.image_transform(item["image"], item["text"], seed=_mix(self.seed, self.epoch, index))
+        pixels = self.image_transform(item["image"], item["text"], seed=_mix(self.seed, epoch, index))
         return {"pixel_values": pixels, "text": item["text"], "index": index}
 
 
@@ -227,7 +252,8 @@ class ContrastiveDataLoader(DataLoader):
 
     @property
     def resumable_sampler(self) -> ResumableDistributedSampler:
-        return self.sampler  # type: ignore[return-value]
+        sampler = self.sampler
+        return sampler.sampler if isinstance(sampler, EpochTaggedSampler) else sampler  # type: ignore[return-value]
 
     def set_epoch(self, epoch: int) -> None:
         self.resumable_sampler.set_epoch(epoch)
@@ -241,7 +267,7 @@ class ContrastiveDataLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         sampler = self.resumable_sampler
         if isinstance(self.dataset, TransformedDataset):
-            self.dataset.epoch = sampler.epoch  # workers are forked after this line and see the epoch
+            self.dataset.epoch = sampler.epoch  # for bare-index keys (the keys this loader makes carry it)
         epoch = sampler.epoch
         position = sampler.position
         epoch_seen = epoch_kept = 0
@@ -299,6 +325,7 @@ def build_contrastive_loader(
     drop_last: bool = False,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
+    persistent_workers: bool = True,
     max_skipped_fraction: float | None = None,
     normalize_on_device: bool = False,
     decode_on_device: torch.device | str | None = None,
@@ -311,6 +338,8 @@ def build_contrastive_loader(
         image_transform: ``(image, text, seed=int) -> float (3, H, W)``; None: ``dataset.make_transform()``
             (augmenting for the train split).
         batch_size: per rank.
+        persistent_workers: with ``num_workers > 0``, keep the workers from one epoch to the next instead of
+            starting them again (with short epochs, the restarts bounded the loader's rate).
         max_skipped_fraction: default: the dataset's own ``max_skipped_fraction`` attribute, else 1 (no limit).
         pin_memory: only takes effect when CUDA is available.
         normalize_on_device: batches carry uint8 pixels (a quarter of the bytes from the workers to the GPU);
@@ -344,6 +373,8 @@ def build_contrastive_loader(
     extra = {}
     if num_workers > 0 and prefetch_factor is not None:
         extra["prefetch_factor"] = prefetch_factor
+    if num_workers > 0 and persistent_workers:
+        extra["persistent_workers"] = True
     items, collate, device_decoder = TransformedDataset(dataset, image_transform, seed=seed), ContrastiveCollator, None
     if decode_on_device is not None:
         from mmtrain.data.device_decode import DeviceImageDecoder, EncodedCollator, EncodedImageDataset
@@ -356,7 +387,7 @@ def build_contrastive_loader(
         loader = ContrastiveDataLoader(
             items,
             batch_size=batch_size,
-            sampler=sampler,
+            sampler=EpochTaggedSampler(sampler),
             collate_fn=collate(tokenizer),
             num_workers=num_workers,
             drop_last=False,  # the sampler already decided; a short last batch only exists when drop_last=False

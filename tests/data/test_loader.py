@@ -96,6 +96,30 @@ def test_worker_processes_give_the_same_batches(data):
         assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["index"], y["index"])
 
 
+def test_persistent_workers_draw_each_epochs_crops_and_resume_exactly(data):
+    ds, tok = data
+    make = lambda workers: build_contrastive_loader(ds, tok, batch_size=4, seed=4, num_workers=workers, drop_last=True)
+    main_process, persistent = make(0), make(2)
+    assert persistent.persistent_workers
+    epochs = {workers: [_batches(loader) for _ in range(3)] for workers, loader in ((0, main_process), (2, persistent))}
+    workers_alive = persistent._iterator._workers
+    assert all(w.is_alive() for w in workers_alive)  # the same processes served all three epochs
+    for reference, got in zip(epochs[0], epochs[2]):
+        assert len(reference) == len(got) == 5
+        for a, b in zip(reference, got):
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    # a sample's crop changes with the epoch: the workers learned it from the (epoch, index) keys
+    first, second = ({int(i): px for batch in epoch for i, px in zip(batch["index"], batch["pixel_values"])}
+                     for epoch in epochs[2][:2])
+    assert any(not torch.equal(first[i], second[i]) for i in first)
+    # resuming mid-epoch 1 with persistent workers continues the uninterrupted sequence
+    resumed = make(2)
+    resumed.load_state_dict({"epoch": 1, "position": 8})
+    tail = _batches(resumed)
+    assert [b["index"].tolist() for b in tail] == [b["index"].tolist() for b in epochs[0][1][2:]]
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(tail, epochs[0][1][2:]))
+
+
 class _Flaky(torch.utils.data.Dataset):
     """Every sample whose index is in ``bad`` is unreadable (None)."""
 
