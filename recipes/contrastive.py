@@ -202,12 +202,19 @@ class ContrastiveRecipe:
     def _use_channels_last(self, model: nn.Module) -> bool:
         """``channels_last``: auto (on CUDA for image towers with 2-D batch norm, i.e. convnets such as ALIGN's
         EfficientNet, whose cuDNN depthwise convolutions and batch norms run NHWC-native; ViTs convolve once, in
-        the patch embedding, and stay as they are), true, false."""
+        the patch embedding, and stay as they are), true, false. Never with FSDP2 sharding, which refuses
+        parameters that are not contiguous."""
         setting = self.cfg.get("channels_last", "auto")
         if not (isinstance(setting, bool) or setting == "auto"):
             raise ConfigError(f"channels_last: expected auto, true or false, got {setting!r}")
+        strategy = str(OmegaConf.select(self.cfg, "distributed.strategy") or "ddp")
+        sharded = strategy == "fsdp" and self.dist.is_distributed
         if setting == "auto":
-            return self.device.type == "cuda" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+            return (self.device.type == "cuda" and not sharded
+                    and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()))
+        if setting and sharded:
+            raise ConfigError("channels_last=true: FSDP2 (distributed.strategy=fsdp) takes contiguous parameters "
+                              "only; use channels_last=auto or false, or strategy=ddp")
         return setting
 
     def _micro_batch(self) -> int | None:
@@ -416,7 +423,7 @@ class ContrastiveRecipe:
                             loss = self._forward_backward(batch, 1.0 / accumulation)
                     loss_sum += loss
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, float(clip) if clip else float("inf"),
-                                                           foreach=self.device.type == "cuda")
+                                                           foreach=True)
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
                 step_loss = D.all_reduce_mean(loss_sum / accumulation)

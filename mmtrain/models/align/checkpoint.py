@@ -173,16 +173,20 @@ def load_pretrained(cls: type, directory: str | os.PathLike, config: Any = None,
     return model
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, safe_serialization: bool = True) -> None:
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, safe_serialization: bool = True,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``) with HF's keys.
 
+    ``state_dict``: the weights to write (mmtrain keys), as HF's ``save_pretrained`` takes them, e.g. a full state
+    dict gathered from FSDP2 shards; default ``model.state_dict()``.
     Files are written under temporary names and renamed, so an interrupted save never leaves a half file behind.
     """
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in internal_to_hf(model.state_dict()).items()}
+    weights = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().contiguous().cpu() for k, v in internal_to_hf(weights).items()}
     config_path = os.path.join(directory, "config.json")
     tmp = config_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:

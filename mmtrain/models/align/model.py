@@ -165,8 +165,10 @@ class AlignModel(nn.Module):
 
         return load_pretrained(cls, directory, config=config, **kwargs)
 
-    def save_pretrained(self, directory, safe_serialization: bool = True) -> None:
-        """Write config.json + model.safetensors with HF's state-dict keys."""
+    def save_pretrained(self, directory, safe_serialization: bool = True,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write config.json + model.safetensors with HF's state-dict keys (``state_dict``: the weights to write,
+        default this model's own)."""
         from mmtrain.models.align.checkpoint import save_pretrained
 
-        save_pretrained(self, directory, safe_serialization=safe_serialization)
+        save_pretrained(self, directory, safe_serialization=safe_serialization, state_dict=state_dict)
