@@ -271,7 +271,6 @@ def test_channels_last_trains_like_contiguous_and_resumes(tmp_path, monkeypatch)
 
 def test_channels_last_auto_stays_off_on_cpu_and_refuses_unknown_values(tmp_path):
     from mmtrain.errors import ConfigError
-
     from mmtrain.models.align import align_tiny
     from mmtrain.models.clip._dual_builders import clip_tiny
 
