@@ -314,7 +314,8 @@ class ContrastiveRecipe:
 
         ``auto``: on CUDA where the step has what a graph needs: one process (no DDP/FSDP collectives in it), one
         micro-batch per step, no per-step host sync (``host_sync`` resolving to ``log``), no activation checkpointing
-        (its RNG bookkeeping reads generator state on the host), and an optimizer with a ``capturable`` mode.
+        (its RNG bookkeeping reads generator state on the host), and an optimizer with a ``capturable`` mode; and
+        with ``compile`` false or regional, the two that ran graphed on a GPU (``whole`` only with ``true``).
         ``true`` asks for it and names the first condition that is not met.
         """
         mode = self.cfg.get("cuda_graph", "auto")
@@ -336,7 +337,8 @@ class ContrastiveRecipe:
         elif not all("capturable" in group for group in self.optimizer.param_groups):
             unmet = f"{type(self.optimizer).__name__} has no capturable mode"
         if unmet is None:
-            return True
+            compile_mode = self.cfg.get("compile", False)
+            return mode is True or isinstance(compile_mode, bool) or str(compile_mode) in ("none", "regional")
         if mode is True:
             raise ConfigError(f"cuda_graph=true: {unmet}; use cuda_graph=auto or false")
         return False

@@ -125,3 +125,20 @@ def test_recipe_under_cuda_graph_trains_evaluates_and_checkpoints_like_eager(tmp
     evals = [[(e["step"], e["val/zero_shot_acc"]) for e in events if "val/zero_shot_acc" in e]
              for events in (graph_events, eager_events)]
     assert [s for s, _ in evals[0]] == [4, 8, 9] == [s for s, _ in evals[1]]
+
+
+@pytest.mark.parametrize("compile_mode,expected", [(False, True), ("regional", True), ("whole", False)])
+def test_cuda_graph_auto_covers_the_compile_modes_that_ran_graphed(tmp_path, monkeypatch, compile_mode, expected):
+    """auto's decision once every hard condition holds (a CUDA device, one process...): whole-step compile stays
+    eager unless cuda_graph=true. Decided without a GPU: the recipe's device is set by hand."""
+    recipe = _recipe()
+    r = recipe.ContrastiveRecipe(tiny_cfg(tmp_path, max_steps=1, compile=False, **{"optimizer.fused": False}))
+    r.setup()
+    r.cleanup()
+    r.cfg.compile = compile_mode
+    r.device = torch.device("cuda")
+    assert r._use_cuda_graph(device_skip=True) is expected
+    r.cfg.cuda_graph = True
+    assert r._use_cuda_graph(device_skip=True) is True
+    r.cfg.cuda_graph = "auto"
+    assert r._use_cuda_graph(device_skip=False) is False  # host_sync=step: a sync every step
