@@ -76,6 +76,18 @@ class ContrastiveTask(nn.Module):
         return list(getter()) if callable(getter) else []
 
 
+def is_auto_true_false(setting: Any) -> bool:
+    return isinstance(setting, bool) or setting == "auto"  # not `in ("auto", True, False)`: 1 == True
+
+
+def auto_true_false(cfg: DictConfig, key: str) -> bool | str:
+    """A switch that is ``auto``, ``true`` or ``false`` (YAML booleans; 1 and 0 are not accepted)."""
+    setting = cfg.get(key, "auto")
+    if not is_auto_true_false(setting):
+        raise ConfigError(f"{key}: expected auto, true or false, got {setting!r}")
+    return setting
+
+
 class ContrastiveRecipe:
     """setup() -> train() (with evaluate() and save_checkpoint()) -> cleanup(); see the module docstring."""
 
@@ -144,11 +156,9 @@ class ContrastiveRecipe:
         self.guard = NonFiniteGuard(**(cfg.get("nonfinite", None) or {}))
 
         num_workers = int(cfg.get("num_workers", 0))
-        normalize_on_device = cfg.get("normalize_on_device", "auto")
+        normalize_on_device = auto_true_false(cfg, "normalize_on_device")
         if normalize_on_device == "auto":
             normalize_on_device = self.device.type == "cuda"
-        if not isinstance(normalize_on_device, bool):
-            raise ConfigError(f"normalize_on_device: expected auto, true or false, got {normalize_on_device!r}")
         decode_on_device = cfg.get("decode_on_device", False)
         if not isinstance(decode_on_device, bool):
             raise ConfigError(f"decode_on_device: expected true or false, got {decode_on_device!r}")
@@ -204,11 +214,8 @@ class ContrastiveRecipe:
         EfficientNet, whose cuDNN depthwise convolutions and batch norms run NHWC-native; ViTs convolve once, in
         the patch embedding, and stay as they are), true, false. Never with FSDP2 sharding, which refuses
         parameters that are not contiguous."""
-        setting = self.cfg.get("channels_last", "auto")
-        if not (isinstance(setting, bool) or setting == "auto"):
-            raise ConfigError(f"channels_last: expected auto, true or false, got {setting!r}")
-        strategy = str(OmegaConf.select(self.cfg, "distributed.strategy") or "ddp")
-        sharded = strategy == "fsdp" and self.dist.is_distributed
+        setting = auto_true_false(self.cfg, "channels_last")
+        sharded = self._fsdp_sharded()
         if setting == "auto":
             return (self.device.type == "cuda" and not sharded
                     and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()))
@@ -216,6 +223,11 @@ class ContrastiveRecipe:
             raise ConfigError("channels_last=true: FSDP2 (distributed.strategy=fsdp) takes contiguous parameters "
                               "only; use channels_last=auto or false, or strategy=ddp")
         return setting
+
+    def _fsdp_sharded(self) -> bool:
+        """Whether FSDP2 shards the parameters (one process never shards: see ``wrap_model``)."""
+        strategy = str(OmegaConf.select(self.cfg, "distributed.strategy") or "ddp")
+        return strategy == "fsdp" and self.dist.is_distributed
 
     def _micro_batch(self) -> int | None:
         accumulation = int(self.cfg.get("gradient_accumulation_steps", 1) or 1)
@@ -305,9 +317,7 @@ class ContrastiveRecipe:
                 raise ConfigError(f"host_sync=log: {type(self.optimizer).__name__} cannot skip a step on the device; "
                                   "use a fused optimizer (optimizer.fused=true) or host_sync=step")
             return True
-        strategy = str(OmegaConf.select(self.cfg, "distributed.strategy") or "ddp")
-        sharded = strategy == "fsdp" and self.dist.is_distributed  # one process never shards (wrap_model)
-        return supported and self.device.type == "cuda" and not sharded
+        return supported and self.device.type == "cuda" and not self._fsdp_sharded()
 
     def _use_cuda_graph(self, device_skip: bool) -> bool:
         """Whether the step is captured and replayed as one CUDA graph (``cuda_graph``: auto, true, false).
@@ -318,9 +328,7 @@ class ContrastiveRecipe:
         with ``compile`` false or regional, the two that ran graphed on a GPU (``whole`` only with ``true``).
         ``true`` asks for it and names the first condition that is not met.
         """
-        mode = self.cfg.get("cuda_graph", "auto")
-        if not (isinstance(mode, bool) or mode == "auto"):  # not `in (True, False)`: 1 == True
-            raise ConfigError(f"cuda_graph: expected auto, true or false, got {mode!r}")
+        mode = auto_true_false(self.cfg, "cuda_graph")
         if mode is False:
             return False
         unmet = None
@@ -353,13 +361,18 @@ class ContrastiveRecipe:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self._forward_backward(inputs, 1.0)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-            self.optimizer.grad_scale = None
-            self.optimizer.found_inf = (~finite).to(torch.float32)
-            self.optimizer.step()
+            self._step_unless_nonfinite(loss, grad_norm)
             return loss, grad_norm.detach()
 
         return step
+
+    def _step_unless_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Optimizer step decided on the device: fused AdamW leaves weights, moments and its step count untouched
+        where ``found_inf`` is 1 (a non-finite loss or gradient norm)."""
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        self.optimizer.grad_scale = None
+        self.optimizer.found_inf = (~finite).to(torch.float32)
+        self.optimizer.step()
 
     def train(self) -> None:
         cfg = self.cfg
@@ -430,11 +443,7 @@ class ContrastiveRecipe:
                     grad_norm = grad_norm.full_tensor()
                 step_loss = D.all_reduce_mean(loss_sum / accumulation)
                 if device_skip:
-                    # fused AdamW leaves weights, moments and its step count untouched where found_inf is 1
-                    finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
-                    self.optimizer.grad_scale = None
-                    self.optimizer.found_inf = (~finite).to(torch.float32)
-                    self.optimizer.step()
+                    self._step_unless_nonfinite(step_loss, grad_norm)
                     pending.append((step, step_loss, grad_norm.detach()))
                 elif settle(step, step_loss.item(), float(grad_norm)):
                     self.optimizer.step()
@@ -610,14 +619,11 @@ def validate(cfg: DictConfig, report) -> None:
         report.error("sdpa_backend", f"must be auto or one of {', '.join(SDPA_BACKENDS)}, got {cfg.get('sdpa_backend')!r}")
     if str(cfg.get("host_sync", "auto")) not in ("auto", "step", "log"):
         report.error("host_sync", f"must be auto, step or log, got {cfg.get('host_sync')!r}")
-    for key in ("cuda_graph", "channels_last"):
-        setting = cfg.get(key, "auto")
-        if not (isinstance(setting, bool) or setting == "auto"):
-            report.error(key, f"must be auto, true or false, got {setting!r}")
+    for key in ("cuda_graph", "channels_last", "normalize_on_device"):
+        if not is_auto_true_false(cfg.get(key, "auto")):
+            report.error(key, f"must be auto, true or false, got {cfg.get(key)!r}")
     if cfg.get("decode_on_device", False) not in (True, False):
         report.error("decode_on_device", f"must be true or false, got {cfg.get('decode_on_device')!r}")
-    if cfg.get("normalize_on_device", "auto") not in ("auto", True, False):
-        report.error("normalize_on_device", f"must be auto, true or false, got {cfg.get('normalize_on_device')!r}")
     strategy = OmegaConf.select(cfg, "distributed.strategy")
     if strategy not in (None, "none", "ddp", "fsdp"):
         report.error("distributed.strategy", f"must be none, ddp or fsdp, got {strategy!r}")
