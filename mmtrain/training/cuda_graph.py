@@ -87,7 +87,7 @@ class GraphedStep:
         with torch.cuda.stream(self._side_stream):
             outputs = self.step_fn(inputs)
         current.wait_stream(self._side_stream)
-        for tensor in (*inputs.values(), *outputs):
+        for tensor in outputs:  # made on the side stream, read on the current one
             tensor.record_stream(current)
         return tuple(outputs)
 
