@@ -143,11 +143,27 @@ def _carve(num_rows: int, split: str, fraction: float, seed: int, where: str) ->
     return sorted(chosen)
 
 
+class FileRows:
+    """A plain image folder's rows, image file paths and captions, read as ``ImageTextFolder`` reads a
+    ``datasets.Dataset`` (``rows["text"]``, ``rows[i]["image"]``): such a folder needs no ``datasets`` package."""
+
+    def __init__(self, images: Sequence[str], texts: Sequence[str]) -> None:
+        self.columns = {"image": list(images), "text": list(texts)}
+
+    def __len__(self) -> int:
+        return len(self.columns["text"])
+
+    def __getitem__(self, key: int | str) -> Any:
+        if isinstance(key, str):
+            return self.columns[key]
+        return {"image": self.columns["image"][key], "text": self.columns["text"][key]}
+
+
 class ImageTextFolder(torch.utils.data.Dataset):
     """Image-caption pairs from local files. Build with :func:`image_folder_dataset`.
 
-    ``rows`` is a ``datasets.Dataset`` with an ``image`` column (a file path, or ``{"bytes", "path"}``) and a
-    ``text`` column; ``captions`` is the list of texts.
+    ``rows`` is a ``FileRows`` (a plain folder) or a ``datasets.Dataset`` (a ``save_to_disk`` folder) with an
+    ``image`` column (a file path, or ``{"bytes", "path"}``) and a ``text`` column; ``captions`` is the list of texts.
     """
 
     def __init__(
@@ -317,8 +333,6 @@ def image_folder_dataset(
     draft_decode: bool = True,
 ) -> ImageTextFolder:
     """Config builder: ``instantiate(cfg.dataset, split="train"|"validation")`` -> :class:`ImageTextFolder`."""
-    import datasets
-
     if split not in ("train", "validation", "test"):
         raise DataError(f"dataset.split: unknown split {split!r}")
     if path is None or str(path) in ("", "???"):
@@ -346,7 +360,7 @@ def image_folder_dataset(
             chosen = _carve(len(files), split, validation_fraction, seed, str(train_dir))
             files, texts = [files[i] for i in chosen], [texts[i] for i in chosen]
             source = f"{train_dir} ({split} split carved from it)"
-        rows = datasets.Dataset.from_dict({"image": files, "text": texts})
+        rows = FileRows(files, texts)
     return ImageTextFolder(
         rows, split=split, source=source, image_size=image_size, max_skipped_fraction=max_skipped_fraction,
         max_image_pixels=max_image_pixels, transform=transform, probe_images=probe_images, draft_decode=draft_decode,

@@ -220,3 +220,19 @@ def test_decode_applies_the_exif_orientation():
     plain = io.BytesIO()
     Image.fromarray(array).save(plain, "JPEG", quality=95)
     assert np.asarray(decode_image(plain.getvalue())).shape == (10, 20, 3)
+
+
+def test_plain_folder_needs_no_datasets_package(tmp_path, monkeypatch):
+    """Only save_to_disk folders go through `datasets`; a plain imagefolder reads with it absent (as on a machine
+    that lacks it)."""
+    import sys
+
+    write_image_folder(tmp_path, [(_rgb(i), f"caption {i}") for i in range(6)])
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    train = image_folder_dataset("train", path=str(tmp_path), image_size=8)
+    validation = image_folder_dataset("validation", path=str(tmp_path), image_size=8)
+    assert len(train) + len(validation) == 6 and len(validation) >= 1
+    item = train[0]
+    assert item["text"].startswith("caption ") and item["image"].size == (12, 10)
+    batch = next(iter(build_contrastive_loader(train, shapes_tokenizer(8), batch_size=2)))
+    assert batch["pixel_values"].shape == (2, 3, 8, 8)
