@@ -351,7 +351,7 @@ class ContrastiveRecipe:
             raise ConfigError(f"cuda_graph=true: {unmet}; use cuda_graph=auto or false")
         return False
 
-    def _device_step(self, params: list[torch.Tensor], clip: float) -> Any:
+    def _device_step(self, params: list[torch.Tensor], max_norm: float) -> Any:
         """The whole optimizer step on the device, with no host sync: ``(inputs) -> (loss (), grad_norm ())``.
 
         Only with ``device_skip`` and one micro-batch: a non-finite loss or gradient leaves the weights untouched
@@ -360,7 +360,7 @@ class ContrastiveRecipe:
         def step(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self._forward_backward(inputs, 1.0)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
             self._step_unless_nonfinite(loss, grad_norm)
             return loss, grad_norm.detach()
 
@@ -379,6 +379,7 @@ class ContrastiveRecipe:
         eval_every = (cfg.get("eval", {}) or {}).get("every_n_steps", None)
         ckpt_every = (cfg.get("checkpoint", {}) or {}).get("every_n_steps", None)
         clip = cfg.get("clip_grad_norm", None)
+        max_norm = float(clip) if clip else float("inf")  # no clipping: the norm is still measured and logged
         accumulation = self.split.accumulation_steps
         params = [p for p in self.task.parameters() if p.requires_grad]
         batches = self._batches()
@@ -407,7 +408,7 @@ class ContrastiveRecipe:
                               "(resume=none starts over)")
         graphed = None
         if self._use_cuda_graph(device_skip):
-            graphed = GraphedStep(self._device_step(params, float(clip) if clip else float("inf")), self.optimizer)
+            graphed = GraphedStep(self._device_step(params, max_norm), self.optimizer)
             self.logger.print("cuda_graph: the step is captured after 3 eager steps and replayed as one CUDA graph")
         while self.step < self.max_steps:
             step = self.step + 1
@@ -437,8 +438,7 @@ class ContrastiveRecipe:
                         else:
                             loss = self._forward_backward(batch, 1.0 / accumulation)
                     loss_sum += loss
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, float(clip) if clip else float("inf"),
-                                                           foreach=True)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
                 step_loss = D.all_reduce_mean(loss_sum / accumulation)
