@@ -278,6 +278,14 @@ class ContrastiveRecipe:
             for batch in self.loader:  # noqa: UP028
                 yield batch
 
+    def _timed(self, batches):
+        """``batches``, adding the seconds each ``next`` blocks to ``self.data_wait_s``."""
+        while True:
+            start = time.perf_counter()
+            batch = next(batches)
+            self.data_wait_s += time.perf_counter() - start
+            yield batch
+
     _HOST_KEYS = ("index", "num_skipped")  # bookkeeping read on the host: copying them over would cost a sync
 
     def _to_device(self, batch: dict[str, Any], loader=None) -> dict[str, Any]:
@@ -382,7 +390,8 @@ class ContrastiveRecipe:
         max_norm = float(clip) if clip else float("inf")  # no clipping: the norm is still measured and logged
         accumulation = self.split.accumulation_steps
         params = [p for p in self.task.parameters() if p.requires_grad]
-        batches = self._batches()
+        self.data_wait_s = 0.0
+        batches = self._timed(self._batches())
         device_skip = self._device_skip()
         window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
         skipped_images = 0
@@ -467,6 +476,9 @@ class ContrastiveRecipe:
                     "loss": window_loss / window_steps if window_steps else float("nan"),
                     "lr": lr,
                     "samples_per_s": window_samples * self.dist.world_size / elapsed,
+                    # share of the window the loop sat waiting for the loader: near 0 the step is the limit,
+                    # near 1 the data path is (more num_workers, decode_on_device)
+                    "data_wait": min(self.data_wait_s / elapsed, 1.0),
                     "grad_norm": grad_norm_value,
                     "skipped_images": D.all_reduce_mean(
                         torch.tensor(float(skipped_images), device=self.device)).item() * self.dist.world_size,
@@ -477,6 +489,7 @@ class ContrastiveRecipe:
                     metrics["mfu"] = mfu(self.flops_per_step, seconds_per_step, self.peak_flops)
                 self.logger.log(step, metrics)
                 window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
+                self.data_wait_s = 0.0
             known = not pending and self.last_loss is not None
             self.logger.advance(1, **({"loss": self.last_loss} if known else {}))
             if eval_now:
@@ -484,6 +497,9 @@ class ContrastiveRecipe:
             # No checkpoint of a non-finite step (nonfinite.py's promise): the last good one stays the newest.
             if ckpt_now and not self.guard.consecutive:
                 self.save_checkpoint()
+        if graphed is not None:
+            # a replay count far below the step count means batches of other shapes ran eagerly (slower)
+            self.logger.print(f"cuda_graph: {graphed.replays} steps replayed, {graphed.eager_steps} eager")
 
     # ------------------------------------------------------------------------------------------------- eval
     @torch.no_grad()

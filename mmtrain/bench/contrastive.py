@@ -10,7 +10,7 @@ End to end: ``mmtrain run contrastive --config clip_vit_b16`` on an image folder
 reporting the recipe's own samples/s after its first logging window, so step-only vs end-to-end shows what the
 loader costs.
 
-    mmtrain bench contrastive [--batch 256] [--steps 10] [--data DIR] [--no-e2e] [--out bench_results/contrastive.json]
+    mmtrain bench contrastive [--batch 256] [--steps 10] [--data DIR] [--no-e2e | --e2e-only] [--out bench_results/contrastive.json]
     mmtrain bench contrastive --smoke      # tiny CPU run (tests use it)
 
 Shapes: pixel_values (B, 3, 224, 224), input_ids / attention_mask (B, 77) -> loss ().
@@ -48,6 +48,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=77)
     p.add_argument("--no-open-clip", action="store_true", help="skip open_clip even if importable")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end recipe run")
+    p.add_argument("--e2e-only", action="store_true", help="only the end-to-end recipe runs (no step-only variants)")
     p.add_argument("--data", default=None, help="image folder for the end-to-end run (default: generated JPEGs)")
     p.add_argument("--e2e-steps", type=int, default=30, help="recipe steps in the end-to-end run")
     p.add_argument("--num-workers", type=int, default=8, help="DataLoader workers in the end-to-end run")
@@ -232,6 +233,9 @@ def _end_to_end(name: str, args: argparse.Namespace, device: torch.device, data:
         result = {"name": name, "steps": steps, "overrides": extra, "wall_s": wall_s,
                   "samples_per_s": statistics.median(steady) if steady else float("nan"),
                   "data": str(args.data) if args.data else "generated JPEGs"}
+        waits = [e["data_wait"] for e in events if "data_wait" in e][1:]
+        if waits:
+            result["data_wait"] = statistics.median(waits)  # > 0: the step waited for the loader
         peaks = [e["peak_mem_gib"] for e in events if "peak_mem_gib" in e]
         if peaks:
             result["peak_memory_gib"] = max(peaks)
@@ -250,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     vocab = 1000 if args.smoke else 49408
     variants, note = _variants(args)
+    if args.e2e_only:
+        variants = []
     results = []
     for name, build in variants:
         results.append(measure_variant(name, partial(_run_variant, name, build, args, device, vocab)))

@@ -25,7 +25,7 @@ from mmtrain.errors import ConfigError
 # Order and format of the keys on a stdout line; others follow as they come.
 _LINE_FORMATS = {
     "loss": "loss {:.4f}", "lr": "lr {:.2e}", "samples_per_s": "{:.1f} samples/s", "grad_norm": "grad_norm {:.3f}",
-    "peak_mem_gib": "mem {:.2f}GiB", "mfu": "mfu {:.1%}",
+    "peak_mem_gib": "mem {:.2f}GiB", "mfu": "mfu {:.1%}", "data_wait": "data wait {:.0%}",
 }
 EVAL_CURVES = ("val/zero_shot_acc", "val/i2t_r@1", "val/t2i_r@1")
 

@@ -287,3 +287,32 @@ def test_channels_last_auto_stays_off_on_cpu_and_refuses_unknown_values(tmp_path
     assert r._use_channels_last(clip_tiny(vocab_size=72, image_size=16, context_length=8)) is False
     with pytest.raises(ConfigError, match="channels_last: expected auto, true or false, got 'nhwc'"):
         recipe.main(tiny_cfg(tmp_path / "bad", channels_last="nhwc"))
+
+
+def test_data_wait_is_the_share_of_each_window_spent_waiting_for_the_loader(tmp_path, monkeypatch):
+    import time
+
+    recipe = _recipe()
+    delay = 0.2
+    slow = tmp_path / "slow"
+    original = recipe.ContrastiveRecipe._batches
+
+    def slow_batches(self):
+        for batch in original(self):
+            time.sleep(delay)  # a loader far slower than a tiny CPU step
+            yield batch
+
+    quiet = {"log.every_n_steps": 2, "eval.every_n_steps": 100, "checkpoint.every_n_steps": 100}
+    recipe.main(tiny_cfg(tmp_path / "fast", max_steps=4, **quiet))
+    monkeypatch.setattr(recipe.ContrastiveRecipe, "_batches", slow_batches)
+    recipe.main(tiny_cfg(slow, max_steps=4, **quiet))
+    logged = [e for e in _events(slow) if "data_wait" in e]
+    assert [e["step"] for e in logged] == [2, 4]
+    for event in logged:
+        window_s = 16 / event["samples_per_s"]  # two steps of 8 samples
+        assert 0.0 <= event["data_wait"] <= 1.0
+        # the window's sleeping alone is 2 * delay; the rest is a tiny model's steps
+        assert event["data_wait"] == pytest.approx(min(2 * delay / window_s, 1.0), abs=0.1)
+        assert event["data_wait"] > 0.5
+    fast = [e["data_wait"] for e in _events(tmp_path / "fast") if "data_wait" in e]
+    assert len(fast) == 2 and all(0.0 <= w < 0.5 for w in fast)
