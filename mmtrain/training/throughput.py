@@ -21,9 +21,9 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
     """Run ``fn()`` once under FlopCounterMode, with every ``torch.compile`` region run eagerly; returns
     (total FLOPs, fn's result).
 
-    Eager on purpose: up to torch 2.13, Dynamo meeting a compiled region for the first time under a dispatch mode
-    marks its code "skip" for good (pytorch/pytorch#190286), so counting the recipes' first step left their
-    regional compile off for the whole run (seen on an H100 with torch 2.11: CLIP's step at eager speed). The
+    Eager on purpose: in torch 2.11 (fixed in later releases), Dynamo meeting a compiled region for the first time
+    under a dispatch mode marks its code "skip" for good (pytorch/pytorch#190286), so counting the recipes' first
+    step left their regional compile off for the whole run (seen on an H100: CLIP's step at eager speed). The
     ``force_eager`` stance keeps Dynamo out of this call, so the regions compile at the next one.
     """
     counter = FlopCounterMode(display=False)

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -290,8 +291,6 @@ def test_channels_last_auto_stays_off_on_cpu_and_refuses_unknown_values(tmp_path
 
 
 def test_data_wait_is_the_share_of_each_window_spent_waiting_for_the_loader(tmp_path, monkeypatch):
-    import time
-
     recipe = _recipe()
     delay = 0.2
     slow = tmp_path / "slow"

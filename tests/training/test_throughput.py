@@ -31,7 +31,7 @@ def test_count_flops_counts_eagerly_and_leaves_the_compiled_region_to_compile_af
     assert compiled_graphs == []  # the counted call ran eagerly
     for _ in range(3):
         torch.testing.assert_close(layer(x), torch.tanh(x @ weight), rtol=0, atol=0)
-    # torch 2.11-2.13 marked the region "skip" for good after a first call under the counter: no graph, no runs
+    # torch 2.11 marked the region "skip" for good after a first call under the counter: no graph, no runs
     assert len(compiled_graphs) == 1 and len(compiled_runs) == 3
     torch._dynamo.reset()
 
