@@ -113,7 +113,7 @@ def _run_variant(name: str, build: Callable[[], tuple[nn.Module, Callable]], arg
     autocast_dtype = torch.bfloat16
     times: list[float] = []
 
-    def one_step(inputs: dict[str, torch.Tensor] = batch) -> tuple[torch.Tensor]:
+    def one_step(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
         optimizer.zero_grad(set_to_none=True)  # noqa: F821
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=device.type == "cuda"):
             loss = step_fn(inputs)
