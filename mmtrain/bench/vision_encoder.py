@@ -51,7 +51,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help="run torchtune after the mmtrain variants (default: first)")
     p.add_argument("--sdpa-backends", default="auto,cudnn",
                    help="comma list: the mmtrain variants run once per SDPA kernel preference (auto = torch's order; "
-                        "cudnn/flash/efficient/math first)")
+                        "cudnn/flash/efficient/math first; fa4: FlashAttention-4, with the fa4 extra)")
     return p.parse_args(argv)
 
 

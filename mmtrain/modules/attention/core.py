@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from mmtrain.modules.attention.base import Attention, AttentionConfig, register_attention
+from mmtrain.modules.attention.fa4 import fa4_attention, fa4_supported
+from mmtrain.modules.attention.sdpa_backend import fa4_preferred
 
 
 class AttentionMask:
@@ -274,6 +276,10 @@ class ScaledDotProduct(Attention):
             att_mask = att_mask.values
         mask = merge_masks(att_mask, key_padding_mask, q, k)
         s_q, s_k = q.shape[-2], k.shape[-2]
+        if (mask is None and fa4_preferred() and not (self.training and self.dropout > 0)
+                and not (is_causal and s_q > s_k) and fa4_supported(q, k, v)):
+            # FA4's causal band is aligned bottom-right, as this module's is when S_q < S_k
+            return fa4_attention(q, k, v, causal=is_causal)
         if is_causal and (mask is not None or s_q != s_k):
             # With S_q < S_k (decoding after a KV cache) the queries are the last S_q positions: the causal band
             # is aligned bottom-right. SDPA's is_causal aligns top-left, so the band is built explicitly here.

@@ -5,10 +5,12 @@ Shapes: ``q: (*batch, S_q, D)``, ``k: (*batch, S_k, D)``, ``v: (*batch, S_k, D_v
 Pattern (query at position ``i``, key at ``j``):
     not causal: ``|i - j| <= window_size // 2`` (``window_size`` odd: the window is split evenly around the query)
     causal:     ``0 <= i - j <= window_size``
-Runs on CUDA through FlashAttention-2's own sliding window (``aten._flash_attention_forward`` with
-``window_size_left/right``: only the key blocks of the band are visited) when the inputs allow it (sm80+, fp16/bf16,
-one head dim for q, k and v, at most 256 and a multiple of 8, no mask, no dropout); otherwise as a FlexAttention
-block mask on CUDA, and elsewhere on chunks of queries against only the keys in their band.
+Runs on CUDA through a kernel with its own sliding window, which visits only the key blocks of the band, when the
+inputs allow it (no mask, no dropout): FlashAttention-4 where the optional ``fa4`` extra is installed (Hopper and
+later; see ``mmtrain.modules.attention.fa4``), else FlashAttention-2 (``aten._flash_attention_forward`` with
+``window_size_left/right``: sm80+, fp16/bf16, one head dim for q, k and v, at most 256 and a multiple of 8);
+otherwise as a FlexAttention block mask on CUDA, and elsewhere on chunks of queries against only the keys in their
+band.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from typing import Any
 import torch
 
 from mmtrain.modules.attention.base import AttentionConfig, register_attention
+from mmtrain.modules.attention.fa4 import fa4_attention, fa4_supported
 from mmtrain.modules.attention.pattern import KeepFn, PatternAttention, _to_4d
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("auto", "flex")
+KERNELS = ("auto", "fa4", "flash", "flex")
 
 
 def flash_window_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -75,10 +78,12 @@ class LocalAttention(PatternAttention):
                 "so window_size must be odd (or set causal=True)"
             )
         self.window_size = window_size
-        # Which CUDA kernel runs the band (for benchmarks and debugging): "auto" (flash where it applies, else
-        # FlexAttention) or "flex" (always the block mask).
+        # Which CUDA kernel runs the band (for benchmarks and debugging): "auto" (FA4, else FlashAttention-2, where
+        # they apply, else FlexAttention), "fa4" or "flash" (that kernel where it applies, else FlexAttention) or
+        # "flex" (always the block mask).
         self.kernel = "auto"
         self._flash_failed = False
+        self._fa4_failed = False
 
     @property
     def kernel(self) -> str:
@@ -91,22 +96,32 @@ class LocalAttention(PatternAttention):
         self._kernel = value
 
     def unmasked_cuda_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-        window = self._flash_window(q, k, v)
-        if window is None:
+        window = self._window(q, k)
+        if window is None or self.kernel == "flex":
             return None
-        try:
-            out = flash_window_attention(q, k, v, *window)
-        except RuntimeError as err:  # an older torch without the window arguments, an unsupported GPU
-            self._flash_failed = True
-            logger.warning("LocalAttention: flash sliding window failed (%s); using FlexAttention", err)
-            return None
-        self._note_kernel("flash")
-        return out
+        if self.kernel in ("auto", "fa4") and not self._fa4_failed and fa4_supported(q, k, v):
+            try:
+                out = fa4_attention(q, k, v, window=window)
+            except Exception as err:  # noqa: BLE001 - a kernel FA4 cannot compile for this shape or GPU
+                self._fa4_failed = True
+                logger.warning("LocalAttention: FlashAttention-4 sliding window failed (%s); falling back", err)
+            else:
+                self._note_kernel("fa4")
+                return out
+        if self.kernel in ("auto", "flash") and not self._flash_failed and flash_window_supported(q, k, v):
+            try:
+                out = flash_window_attention(q, k, v, *window)
+            except RuntimeError as err:  # an older torch without the window arguments, an unsupported GPU
+                self._flash_failed = True
+                logger.warning("LocalAttention: flash sliding window failed (%s); using FlexAttention", err)
+            else:
+                self._note_kernel("flash")
+                return out
+        return None
 
-    def _flash_window(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int] | None:
-        """``(left, right)`` for the flash kernel, or None where it does not apply."""
-        if self.kernel == "flex" or self._flash_failed or not flash_window_supported(q, k, v):
-            return None
+    def _window(self, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int] | None:
+        """``(left, right)`` of the band in FlashAttention's terms (aligned bottom-right), or None where the pattern
+        cannot be said so."""
         s_q, s_k = q.shape[-2], k.shape[-2]
         if self.causal:  # flash aligns the band bottom-right, as query_offset does; every row keeps its diagonal
             return (self.window_size, 0) if s_q <= s_k else None

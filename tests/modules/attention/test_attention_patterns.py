@@ -225,6 +225,7 @@ def test_flash_window_matches_reference_with_gradients_on_gpu(dtype):
         q = torch.randn(*lead, s_q, 64, device="cuda", dtype=dtype, generator=g).requires_grad_()
         k, v = (torch.randn(*lead, s_k, 64, device="cuda", dtype=dtype, generator=g).requires_grad_()
                 for _ in range(2))
+        attention.kernel = "flash"  # auto would take FlashAttention-4 where the fa4 extra is installed
         out = attention(q, k, v)
         assert attention.last_kernel == "flash"
         keep = local_pattern(s_q, s_k, attention.window_size, attention.causal).cuda()
@@ -238,6 +239,7 @@ def test_flash_window_matches_reference_with_gradients_on_gpu(dtype):
             torch.testing.assert_close(got.double(), want, **tolerance, msg=lambda m, name=name: f"d{name}: {m}")
     # Where flash cannot take the call (a key padding mask, float32), the block mask runs the same pattern.
     attention = LocalAttention(window_size=33)
+    attention.kernel = "flash"
     q = torch.randn(2, 3, 300, 64, device="cuda", dtype=dtype, generator=g)
     attention(q, q, q, key_padding_mask=torch.ones(2, 300, dtype=torch.bool, device="cuda"))
     assert attention.last_kernel == "flex"
@@ -250,5 +252,5 @@ def test_local_kernel_choice_is_checked_and_cpu_takes_the_masked_path():
     q, k, v = qkv(1, s_q=8)
     attention(q, k, v)
     assert attention.last_kernel == "masked"
-    with pytest.raises(ValueError, match="kernel must be one of auto, flex"):
+    with pytest.raises(ValueError, match="kernel must be one of auto, fa4, flash, flex"):
         attention.kernel = "triton"

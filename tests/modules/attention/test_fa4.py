@@ -1,0 +1,177 @@
+"""FlashAttention-4 as a kernel: the layout and window handed to it, when dense and local attention route to it, the
+error without the package; on a GPU with the fa4 extra, FA4 itself against float64 attention."""
+
+import math
+
+import pytest
+import torch
+
+from mmtrain.errors import ConfigError
+from mmtrain.modules.attention import LocalAttention, ScaledDotProduct
+from mmtrain.modules.attention import core as core_module
+from mmtrain.modules.attention import fa4 as fa4_module
+from mmtrain.modules.attention import local as local_module
+from mmtrain.modules.attention.sdpa_backend import fa4_preferred, sdpa_backend, sdpa_backend_order
+
+
+def reference(q, k, v, keep=None):
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
+
+
+def flash_band(s_q, s_k, left, right):
+    """FlashAttention's window: query i sees key j when -left <= j - i - (s_k - s_q) <= right."""
+    keep = torch.zeros(s_q, s_k, dtype=torch.bool)
+    for i in range(s_q):
+        for j in range(s_k):
+            keep[i, j] = -left <= j - i - (s_k - s_q) <= right
+    return keep
+
+
+class FakeFA4:
+    """flash_attn.cute's entry point on (batch, seq, heads, dim) tensors, in float64; records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def flash_attn_func(self, q, k, v, softmax_scale=None, causal=False, window_size=(None, None)):
+        assert q.ndim == 4 and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2]  # (b, s, h, d)
+        self.calls.append({"shape": tuple(q.shape), "causal": causal, "window_size": window_size})
+        s_q, s_k = q.shape[1], k.shape[1]
+        left, right = window_size
+        if causal:
+            left, right = s_k, 0
+        keep = None if left is None else flash_band(s_q, s_k, left, right)
+        out = reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), keep).transpose(1, 2)
+        return out, None
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch):
+    fake = FakeFA4()
+    monkeypatch.setattr(fa4_module, "_module", fake)
+    monkeypatch.setattr(fa4_module, "_probed", True)
+    monkeypatch.setattr(fa4_module, "_import_error", None)
+    return fake
+
+
+def qkv(*lead, s_q, s_k=None, d=8):
+    g = torch.Generator().manual_seed(0)
+    s_k = s_q if s_k is None else s_k
+    return (torch.randn(*lead, s_q, d, generator=g, dtype=torch.float64),
+            torch.randn(*lead, s_k, d, generator=g, dtype=torch.float64),
+            torch.randn(*lead, s_k, d, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("lead", [(2, 3), (6,), (2, 2, 3)])
+def test_fa4_attention_hands_over_heads_as_bshd_and_returns_the_callers_layout(fake_fa4, lead):
+    q, k, v = qkv(*lead, s_q=9)
+    out = fa4_module.fa4_attention(q, k, v, window=(2, 2))
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, reference(q, k, v, flash_band(9, 9, 2, 2)))
+    heads = {(2, 3): 3, (6,): 1, (2, 2, 3): 3}[lead]
+    assert fake_fa4.calls[-1]["shape"][1:] == (9, heads, 8)
+    assert fake_fa4.calls[-1]["window_size"] == (2, 2)
+
+
+def test_dense_attention_routes_to_fa4_only_inside_the_fa4_context(fake_fa4, monkeypatch):
+    monkeypatch.setattr(core_module, "fa4_supported", lambda q, k, v: True)
+    attention = ScaledDotProduct()
+    q, k, v = qkv(2, 3, s_q=7)
+    out = attention(q, k, v)
+    assert fake_fa4.calls == []  # outside the context: SDPA
+    with sdpa_backend("fa4"):
+        assert fa4_preferred()
+        routed = attention(q, k, v)
+        assert len(fake_fa4.calls) == 1 and fake_fa4.calls[0]["causal"] is False
+        # a mask FA4 does not take, and dropout while training, stay with SDPA
+        attention(q, k, v, att_mask=torch.ones(7, 7, dtype=torch.bool))
+        dropping = ScaledDotProduct(dropout=0.1).train()
+        dropping(q, k, v)
+        assert len(fake_fa4.calls) == 1
+    assert not fa4_preferred()
+    torch.testing.assert_close(routed, reference(q, k, v))
+    torch.testing.assert_close(out, routed)
+
+
+def test_causal_decoding_routes_with_fa4s_bottom_right_band(fake_fa4, monkeypatch):
+    monkeypatch.setattr(core_module, "fa4_supported", lambda q, k, v: True)
+    q, k, v = qkv(2, 3, s_q=3, s_k=8)
+    with sdpa_backend("fa4"):
+        out = ScaledDotProduct(causal=True)(q, k, v)
+        longer_queries = qkv(2, 3, s_q=8, s_k=3)
+        ScaledDotProduct(causal=True)(*longer_queries)  # rows with no key: SDPA's explicit band, not FA4
+    assert [call["causal"] for call in fake_fa4.calls] == [True]
+    keep = torch.ones(3, 8, dtype=torch.bool).tril(diagonal=5)
+    torch.testing.assert_close(out, reference(q, k, v, keep))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_local_attention_auto_takes_fa4_with_its_window(fake_fa4, monkeypatch, causal):
+    monkeypatch.setattr(local_module, "fa4_supported", lambda q, k, v: True)
+    attention = LocalAttention(window_size=5, causal=causal)
+    q, k, v = qkv(2, 3, s_q=12)
+    out = attention.unmasked_cuda_forward(q, k, v)
+    assert attention.last_kernel == "fa4"
+    assert fake_fa4.calls[-1]["window_size"] == ((5, 0) if causal else (2, 2))
+    expected_keep = torch.zeros(12, 12, dtype=torch.bool)
+    for i in range(12):
+        for j in range(12):
+            expected_keep[i, j] = (0 <= i - j <= 5) if causal else abs(i - j) <= 2
+    torch.testing.assert_close(out, reference(q, k, v, expected_keep))
+    attention.kernel = "flex"
+    assert attention.unmasked_cuda_forward(q, k, v) is None
+
+
+def test_naming_fa4_without_the_package_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(fa4_module, "_module", None)
+    monkeypatch.setattr(fa4_module, "_probed", True)
+    monkeypatch.setattr(fa4_module, "_import_error", "ModuleNotFoundError: No module named 'flash_attn'")
+    with pytest.raises(ConfigError, match=r"fa4 needs FlashAttention-4.*No module named 'flash_attn'.*mmtrain\[fa4\]"):
+        sdpa_backend_order("fa4")
+    assert not fa4_module.fa4_supported(*qkv(1, s_q=4))
+    with pytest.raises(RuntimeError, match="not available"):
+        fa4_module.fa4_attention(*qkv(1, s_q=4))
+
+
+needs_fa4 = pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+         and fa4_module.fa4_module() is not None),
+    reason="needs a Hopper-or-later GPU and the fa4 extra")
+
+
+@pytest.mark.gpu
+@needs_fa4
+@pytest.mark.parametrize("case", ["dense_d80", "causal", "local", "local_causal"])
+def test_fa4_matches_float64_attention_with_gradients_on_gpu(case):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    d = 80 if case == "dense_d80" else 64
+    b, h, s = 2, 3, 300
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    keep = None
+    if case == "dense_d80":
+        with sdpa_backend("fa4"):
+            out = ScaledDotProduct()(q, k, v)
+    elif case == "causal":
+        with sdpa_backend("fa4"):
+            out = ScaledDotProduct(causal=True)(q, k, v)
+        keep = torch.ones(s, s, dtype=torch.bool, device="cuda").tril()
+    else:
+        attention = LocalAttention(window_size=33 if case == "local" else 16, causal=case == "local_causal")
+        out = attention(q, k, v)
+        assert attention.last_kernel == "fa4"
+        i = torch.arange(s, device="cuda")
+        distance = i[:, None] - i[None, :]
+        keep = distance.abs() <= 16 if case == "local" else (distance >= 0) & (distance <= 16)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference(*leaves, keep=keep)
+    tolerance = {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(out.double(), expected, **tolerance)
+    grad_out = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=g)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for name, got, want in zip("qkv", grads, torch.autograd.grad(expected, leaves, grad_out.double())):
+        torch.testing.assert_close(got.double(), want, **tolerance, msg=lambda m, name=name: f"d{name}: {m}")
