@@ -11,9 +11,9 @@ head dim 128, bf16, S in 1k..16k). For each sequence length it times, in the sam
 
 The approximations run compiled (``torch.compile`` of the module, as the recipes' regional compile runs them, one
 compile per length) and, as ``<name>_eager``, uncompiled; ``--approx-modes`` picks. The pattern mechanisms always run
-their own CUDA kernels (``local``: FlashAttention-2's sliding window where it applies, column ``kernel``; the others
-compiled FlexAttention). ``--local-variant NAME=JSON`` adds a ``local[NAME]`` row, FlexAttention unless the JSON says
-``"kernel": "auto"``, with its tuning: ``{"kernel_options": {...}, "block_size": 64, "mode":
+their own CUDA kernels (``local``: FlashAttention-4's sliding window with the ``fa4`` extra, else FlashAttention-2's,
+where it applies, column ``kernel``; the others compiled FlexAttention). ``--local-variant NAME=JSON`` adds a
+``local[NAME]`` row, FlexAttention unless the JSON names another kernel (``auto``, ``fa4``, ``flash``), with its tuning: ``{"kernel_options": {...}, "block_size": 64, "mode":
 "max-autotune-no-cudagraphs"}`` (a variant whose kernel fails is recorded as an error, not as the fallback's time).
 
 Time (``time_ms``, what TFLOP/s counts): on CUDA, the forward + backward captured once in a CUDA graph and replayed,

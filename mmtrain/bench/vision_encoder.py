@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -154,7 +155,8 @@ def _measure_variant(name: str, build: Callable[[], nn.Module], args: argparse.N
 def _torchtune_builder(cfg: dict[str, Any]) -> Callable[[], nn.Module] | None:
     try:
         from torchtune.models.llama3_2_vision import llama3_2_vision_encoder as tt_encoder
-    except Exception:  # noqa: BLE001 - torchtune absent or incompatible with this torch: skip the peer
+    except Exception as err:  # noqa: BLE001 - torchtune absent or incompatible with this torch: skip the peer
+        print(f"torchtune not run: {type(err).__name__}: {err}", file=sys.stderr)
         return None
     return lambda: tt_encoder(**cfg)
 

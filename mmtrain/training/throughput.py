@@ -24,10 +24,13 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
     Eager on purpose: in torch 2.11 (fixed in later releases), Dynamo meeting a compiled region for the first time
     under a dispatch mode marks its code "skip" for good (pytorch/pytorch#190286), so counting the recipes' first
     step left their regional compile off for the whole run (seen on an H100: CLIP's step at eager speed). The
-    ``force_eager`` stance keeps Dynamo out of this call, so the regions compile at the next one.
+    ``force_eager`` stance keeps Dynamo out of this call, so the regions compile at the next one. FlashAttention-4
+    is set aside for the call too (torch's attention counts its FLOPs; the math is the same).
     """
+    from mmtrain.modules.attention.fa4 import fa4_suspended  # FA4's kernels are invisible to the counter
+
     counter = FlopCounterMode(display=False)
-    with torch.compiler.set_stance("force_eager"), counter:
+    with torch.compiler.set_stance("force_eager"), fa4_suspended(), counter:
         result = fn()
     return int(counter.get_total_flops()), result
 

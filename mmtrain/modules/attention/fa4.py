@@ -12,19 +12,28 @@ is lazy and guarded: without the extra (or on a machine where it cannot load) ev
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'mmtrain[fa4]' (flash-attn-4 with nvidia-cutlass-dsl[cu13]; Hopper or Blackwell GPUs)"
 
+# Head dims FA4 runs as they are; others are zero-padded up to the next multiple (same scores, same output once
+# sliced). On an H100 with flash-attn-4 4.0.0b40, head dim 80 went through the forward right but gave a wrong dQ in
+# the backward (62% of entries off, up to 0.86); 64 and 128 matched float64 attention.
+HEAD_DIM_MULTIPLE = 32
+
 _module: ModuleType | None = None
 _import_error: str | None = None
 _probed = False
+_suspended = False
 
 
 def fa4_module() -> ModuleType | None:
@@ -46,9 +55,26 @@ def fa4_import_error() -> str | None:
     return _import_error
 
 
+@contextlib.contextmanager
+def fa4_suspended() -> Iterator[None]:
+    """Callers keep torch's kernels inside this context: FLOP counting sees aten's attention ops, not FA4's."""
+    global _suspended
+    previous, _suspended = _suspended, True
+    try:
+        yield
+    finally:
+        _suspended = previous
+
+
+def _padded(head_dim: int) -> int:
+    return -(-head_dim // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
+
+
 def fa4_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether FA4 takes these tensors: CUDA sm90+, fp16/bf16, head dims multiples of 8 (<= 256 on Hopper, <= 128
-    elsewhere), and the package loads."""
+    elsewhere, after padding), and the package loads."""
+    if _suspended:
+        return False
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype):
         return False
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
@@ -56,7 +82,7 @@ def fa4_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     major, _ = torch.cuda.get_device_capability(q.device)
     limit = 256 if major == 9 else 128
-    if major < 9 or head_dim > limit or head_dim_v > limit:
+    if major < 9 or _padded(head_dim) > limit or _padded(head_dim_v) > limit:
         return False
     return fa4_module() is not None
 
@@ -88,12 +114,17 @@ def fa4_attention(
     module = fa4_module()
     if module is None:
         raise RuntimeError(f"FlashAttention-4 is not available ({fa4_import_error()}); {INSTALL_HINT}")
-    kwargs: dict[str, Any] = {"softmax_scale": scale, "causal": causal}
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    kwargs: dict[str, Any] = {"softmax_scale": head_dim ** -0.5 if scale is None else scale, "causal": causal}
     if window is not None:
         kwargs["window_size"] = (int(window[0]), int(window[1]))
-    result = module.flash_attn_func(_to_bshd(q), _to_bshd(k), _to_bshd(v), **kwargs)
+    if _padded(head_dim) != head_dim:  # zero columns add nothing to q k^T; the scale stays the unpadded one
+        q, k = (F.pad(x, (0, _padded(head_dim) - head_dim)) for x in (q, k))
+    v_padded = F.pad(v, (0, _padded(head_dim_v) - head_dim_v)) if _padded(head_dim_v) != head_dim_v else v
+    result = module.flash_attn_func(_to_bshd(q), _to_bshd(k), _to_bshd(v_padded), **kwargs)
     out = result[0] if isinstance(result, tuple) else result
+    out = out[..., :head_dim_v]
     # (batch, S_q, heads, D_v) -> the caller's (*batch, S_q, D_v)
     if q.ndim == 3:
         return out.squeeze(2)
-    return out.transpose(1, 2).reshape(*q.shape[:-1], v.shape[-1])
+    return out.transpose(1, 2).reshape(*q.shape[:-1], head_dim_v)

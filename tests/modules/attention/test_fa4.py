@@ -14,9 +14,9 @@ from mmtrain.modules.attention import local as local_module
 from mmtrain.modules.attention.sdpa_backend import fa4_preferred, sdpa_backend, sdpa_backend_order
 
 
-def reference(q, k, v, keep=None):
+def reference(q, k, v, keep=None, scale=None):
     q, k, v = q.double(), k.double(), v.double()
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = q @ k.transpose(-1, -2) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
@@ -39,13 +39,14 @@ class FakeFA4:
 
     def flash_attn_func(self, q, k, v, softmax_scale=None, causal=False, window_size=(None, None)):
         assert q.ndim == 4 and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2]  # (b, s, h, d)
-        self.calls.append({"shape": tuple(q.shape), "causal": causal, "window_size": window_size})
+        self.calls.append({"shape": tuple(q.shape), "v_shape": tuple(v.shape), "causal": causal,
+                           "window_size": window_size, "scale": softmax_scale})
         s_q, s_k = q.shape[1], k.shape[1]
         left, right = window_size
         if causal:
             left, right = s_k, 0
         keep = None if left is None else flash_band(s_q, s_k, left, right)
-        out = reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), keep).transpose(1, 2)
+        out = reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), keep, softmax_scale).transpose(1, 2)
         return out, None
 
 
@@ -73,8 +74,38 @@ def test_fa4_attention_hands_over_heads_as_bshd_and_returns_the_callers_layout(f
     assert out.shape == q.shape
     torch.testing.assert_close(out, reference(q, k, v, flash_band(9, 9, 2, 2)))
     heads = {(2, 3): 3, (6,): 1, (2, 2, 3): 3}[lead]
-    assert fake_fa4.calls[-1]["shape"][1:] == (9, heads, 8)
+    # head dim 8 reaches FA4 zero-padded to 32, with the scale of the real head dim
+    assert fake_fa4.calls[-1]["shape"][1:] == (9, heads, 32) and fake_fa4.calls[-1]["v_shape"][-1] == 32
+    assert fake_fa4.calls[-1]["scale"] == pytest.approx(8 ** -0.5)
     assert fake_fa4.calls[-1]["window_size"] == (2, 2)
+
+
+def test_fa4_head_dims_are_padded_to_the_multiple_and_gradients_flow_back(fake_fa4):
+    assert [fa4_module._padded(d) for d in (32, 64, 80, 96, 100, 128)] == [32, 64, 96, 96, 128, 128]
+    q, k, v = (t.requires_grad_() for t in qkv(2, 3, s_q=5, d=80))
+    out = fa4_module.fa4_attention(q, k, v)
+    assert fake_fa4.calls[-1]["shape"][-1] == 96 and out.shape == (2, 3, 5, 80)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    expected = reference(*leaves)
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn(out.shape, dtype=out.dtype)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(expected, leaves, grad_out)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+
+
+def test_flop_counting_sets_fa4_aside(fake_fa4, monkeypatch):
+    from mmtrain.training.throughput import count_flops
+
+    monkeypatch.setattr(core_module, "fa4_supported", fa4_module.fa4_supported)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    q, k, v = (t.bfloat16() for t in qkv(1, 2, s_q=16, d=32))
+    with sdpa_backend("fa4"):
+        count_flops(lambda: ScaledDotProduct()(q, k, v))
+        assert fake_fa4.calls == []  # counted through torch's attention
+        ScaledDotProduct()(q, k, v)
+        assert len(fake_fa4.calls) == 1  # and FA4 again after the count
 
 
 def test_dense_attention_routes_to_fa4_only_inside_the_fa4_context(fake_fa4, monkeypatch):
