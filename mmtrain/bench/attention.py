@@ -13,8 +13,8 @@ The approximations run compiled (``torch.compile`` of the module, as the recipes
 compile per length) and, as ``<name>_eager``, uncompiled; ``--approx-modes`` picks. The pattern mechanisms always run
 their own CUDA kernels (``local``: FlashAttention-4's sliding window with the ``fa4`` extra, else FlashAttention-2's,
 where it applies, column ``kernel``; the others compiled FlexAttention). ``--local-variant NAME=JSON`` adds a
-``local[NAME]`` row, FlexAttention unless the JSON names another kernel (``auto``, ``fa4``, ``flash``), with its tuning: ``{"kernel_options": {...}, "block_size": 64, "mode":
-"max-autotune-no-cudagraphs"}`` (a variant whose kernel fails is recorded as an error, not as the fallback's time).
+``local[NAME]`` row, FlexAttention unless the JSON names another kernel (``auto``, ``fa4``, ``flash``), with its
+tuning: ``{"kernel_options": {...}, "block_size": 64, "mode": "max-autotune-no-cudagraphs"}`` (a variant whose kernel fails is recorded as an error, not as the fallback's time).
 
 Time (``time_ms``, what TFLOP/s counts): on CUDA, the forward + backward captured once in a CUDA graph and replayed,
 CUDA events around each replay, median: the device's time without the host's. ``launch_ms``: the same step launched
@@ -285,8 +285,8 @@ def _bench_sequence_length(args: argparse.Namespace, seq_len: int, device: torch
 
 def _record_local_variant(record: Callable[..., Any], q_k_v: tuple[torch.Tensor, ...], name: str,
                           variant: dict[str, Any], pairs: int, window: int) -> torch.Tensor | None:
-    """Time a ``local[name]`` row: a fresh LocalAttention with the variant's kernel (FlexAttention unless it says
-    ``"kernel": "auto"``), block size, kernel options and mode."""
+    """Time a ``local[name]`` row: a fresh LocalAttention with the variant's kernel (FlexAttention unless it names
+    ``auto``, ``fa4`` or ``flash``), block size, kernel options and mode."""
     tuned = LocalAttention(window_size=window)
     tuned.kernel = variant.get("kernel", "flex")
     tuned.block_size = int(variant.get("block_size", tuned.block_size))

@@ -27,7 +27,7 @@ INSTALL_HINT = "pip install 'mmtrain[fa4]' (flash-attn-4 with nvidia-cutlass-dsl
 
 # Head dims FA4 runs as they are; others are zero-padded up to the next multiple (same scores, same output once
 # sliced). On an H100 with flash-attn-4 4.0.0b40, head dim 80 went through the forward right but gave a wrong dQ in
-# the backward (62% of entries off, up to 0.86); 64 and 128 matched float64 attention.
+# the backward (62% of entries off, up to 0.86); padded to 96 or 128 it matched float64 attention, as 64 did.
 HEAD_DIM_MULTIPLE = 32
 
 _module: ModuleType | None = None
