@@ -1,6 +1,6 @@
 """GPU probe: cuDNN band forward + FlashAttention-2 window backward (cuDNN stats as lse), window 513."""
-import math, statistics, sys
-sys.path.insert(0, ".gl")
+import math, os, statistics, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # band_probe_chunked beside it
 import torch
 import torch.nn.functional as F
 from band_probe_chunked import BandFwd, reference, time_it  # noqa: E402  (module body also runs its own probe: guarded below)
