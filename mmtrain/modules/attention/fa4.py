@@ -2,7 +2,9 @@
 
 Shapes as mmtrain's attention modules: ``q: (*batch, S_q, D)``, ``k: (*batch, S_k, D)``, ``v: (*batch, S_k, D_v)``
 -> ``(*batch, S_q, D_v)``, with ``*batch`` either ``batch * heads`` or ``(batch, heads)``. FA4 takes
-``(batch, seq, heads, dim)``; the transposes are views.
+``(batch, seq, heads, dim)``: the transposes are views, made contiguous (a copy only where the caller's layout is not
+already that one) and zero-padded in the head dim where FA4 needs it (see ``HEAD_DIM_MULTIPLE``). Its forward and
+backward are the custom ops ``torch.ops.mmtrain.fa4_forward``/``fa4_backward``, so torch.compile traces through them.
 
 FA4 is written in CuTe DSL and compiles each kernel on its first call (seconds), then reuses it. On Hopper it runs
 the attention shapes mmtrain needs faster than torch's kernels: the 11B vision encoder's head dim of 80, which
@@ -13,7 +15,6 @@ is lazy and guarded: without the extra (or on a machine where it cannot load) ev
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -21,14 +22,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
-
 INSTALL_HINT = "pip install 'mmtrain[fa4]' (flash-attn-4 with nvidia-cutlass-dsl[cu13]; Hopper or Blackwell GPUs)"
 
-# Head dims FA4 runs as they are; others are zero-padded up to the next multiple (same scores, same output once
-# sliced). On an H100 with flash-attn-4 4.0.0b40, head dim 80 went through the forward right but gave a wrong dQ in
-# the backward (62% of entries off, up to 0.86); padded to 96 or 128 it matched float64 attention, as 64 did.
+# Head dims reach FA4 zero-padded up to a multiple of this (same scores, same output once sliced). FA4 4.0.0b40's
+# backward sizes its float32 dQ accumulator for head dims rounded up to 32 in the interface and its helper kernels
+# (zeroing, read-back) but to 16 in the SM90 kernel that writes it, so at head dim 80 dQ came back wrong on an H100
+# (62% of entries off; Dao-AILab/flash-attention#2896). Elsewhere mmtrain pads to 32, which sidesteps that; on SM90
+# it hands the helpers 16 during its own backward calls (``_sm90_dq_accumulator_rounding``), so the three agree and
+# head dim 80 runs as 80 rather than 96.
 HEAD_DIM_MULTIPLE = 32
+SM90_HEAD_DIM_MULTIPLE = 16
 
 _module: ModuleType | None = None
 _import_error: str | None = None
@@ -37,12 +40,12 @@ _suspended = False
 
 
 def fa4_module() -> ModuleType | None:
-    """``flash_attn.cute``, or None when it is not installed or fails to load (the reason: ``fa4_import_error()``)."""
+    """``flash_attn.cute.interface``, or None when it is not installed or fails to load (the reason: ``fa4_import_error()``)."""
     global _module, _import_error, _probed
     if not _probed:
         _probed = True
         try:
-            import flash_attn.cute as module  # noqa: PLC0415 - optional, heavy: imported on first use only
+            import flash_attn.cute.interface as module  # noqa: PLC0415 - optional, heavy: imported on first use only
         except Exception as err:  # noqa: BLE001 - a broken CUDA toolkit flavour raises RuntimeError, not ImportError
             _import_error = f"{type(err).__name__}: {err}"
         else:
@@ -66,8 +69,13 @@ def fa4_suspended() -> Iterator[None]:
         _suspended = previous
 
 
-def _padded(head_dim: int) -> int:
-    return -(-head_dim // HEAD_DIM_MULTIPLE) * HEAD_DIM_MULTIPLE
+def _padded(head_dim: int, multiple: int = HEAD_DIM_MULTIPLE) -> int:
+    return -(-head_dim // multiple) * multiple
+
+
+@torch.compiler.assume_constant_result  # a fixed fact of the device: compiled code need not trace the CUDA query
+def _compute_capability_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 def fa4_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -80,7 +88,7 @@ def fa4_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
     if k.shape[-1] != head_dim or head_dim % 8 or head_dim_v % 8:
         return False
-    major, _ = torch.cuda.get_device_capability(q.device)
+    major = _compute_capability_major(q.device)
     limit = 256 if major == 9 else 128
     if major < 9 or _padded(head_dim) > limit or _padded(head_dim_v) > limit:
         return False
@@ -96,7 +104,107 @@ def _to_bshd(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-3], x.shape[-2], x.shape[-1]).transpose(1, 2)
 
 
-@torch.compiler.disable  # a CuTe DSL kernel: TorchDynamo cannot trace it, so a compiled region calls it as is
+def _head_dim_multiple(q: torch.Tensor) -> int:
+    if q.is_cuda and _compute_capability_major(q.device) == 9:
+        return SM90_HEAD_DIM_MULTIPLE
+    return HEAD_DIM_MULTIPLE
+
+
+def _contiguous_padded(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Zero columns up to ``head_dim`` (they add nothing to ``q k^T``; in v they give output columns that are cut
+    off), in one contiguous ``(batch, S, heads, head_dim)`` tensor: the layout the FA4 ops promise their callers."""
+    if x.shape[-1] != head_dim:
+        return F.pad(x, (0, head_dim - x.shape[-1])).contiguous()
+    return x.contiguous()
+
+
+# FA4's forward and backward as two custom ops, so that TorchDynamo traces attention as one node of the graph (a
+# compiled layer stays one graph; inductor sees the padding and the layout changes around it) instead of breaking
+# the graph at a kernel it cannot read. Inputs and outputs are contiguous (batch, S, heads, D), lse is
+# (batch, heads, S_q) float32; FA4's own ``_flash_attn_fwd``/``_flash_attn_bwd`` (4.0.0b40) do the work.
+_FORWARD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, float scale, bool causal, int? window_left, int? window_right)"
+                   " -> (Tensor, Tensor)")
+_BACKWARD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, bool causal,"
+                    " int? window_left, int? window_right) -> (Tensor, Tensor, Tensor)")
+
+
+@contextlib.contextmanager
+def _sm90_dq_accumulator_rounding(module: ModuleType) -> Iterator[None]:
+    """While FA4's SM90 backward runs, its dQ accumulator helpers round head dims to 16, as the kernel does."""
+    names = ("_bwd_preprocess", "_bwd_postprocess_convert")
+    originals = {name: getattr(module, name) for name in names}
+
+    def rounding_to_16(helper: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("hdim_multiple_of") == 32:  # 64 (head dims above 128) already agrees with the kernel
+                kwargs["hdim_multiple_of"] = SM90_HEAD_DIM_MULTIPLE
+            return helper(*args, **kwargs)
+
+        call.compile_cache = helper.compile_cache  # the helpers find their JIT cache through their module name
+        return call
+
+    for name, helper in originals.items():
+        setattr(module, name, rounding_to_16(helper))
+    try:
+        yield
+    finally:
+        for name, helper in originals.items():
+            setattr(module, name, helper)
+
+
+def _loaded_module() -> ModuleType:
+    module = fa4_module()
+    if module is None:
+        raise RuntimeError(f"FlashAttention-4 is not available ({fa4_import_error()}); {INSTALL_HINT}")
+    return module
+
+
+@torch.library.custom_op("mmtrain::fa4_forward", mutates_args=(), schema=_FORWARD_SCHEMA)
+def _fa4_forward(q, k, v, scale, causal, window_left, window_right):
+    result = _loaded_module()._flash_attn_fwd(
+        q, k, v, softmax_scale=scale, causal=causal, window_size_left=window_left, window_size_right=window_right,
+        return_lse=True)
+    return result[0].contiguous(), result[1].contiguous()
+
+
+@_fa4_forward.register_fake
+def _fa4_forward_fake(q, k, v, scale, causal, window_left, window_right):
+    batch, s_q, heads, _ = q.shape
+    return q.new_empty(batch, s_q, heads, v.shape[-1]), q.new_empty(batch, heads, s_q, dtype=torch.float32)
+
+
+@torch.library.custom_op("mmtrain::fa4_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
+def _fa4_backward(dout, q, k, v, out, lse, scale, causal, window_left, window_right):
+    module = _loaded_module()
+    fix = (q.is_cuda and _compute_capability_major(q.device) == 9 and q.shape[-1] % 32 != 0
+           and all(hasattr(module, name) for name in ("_bwd_preprocess", "_bwd_postprocess_convert")))
+    with _sm90_dq_accumulator_rounding(module) if fix else contextlib.nullcontext():
+        grads = module._flash_attn_bwd(
+            q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, window_size_left=window_left,
+            window_size_right=window_right)
+    return tuple(g.contiguous() for g in grads[:3])
+
+
+@_fa4_backward.register_fake
+def _fa4_backward_fake(dout, q, k, v, out, lse, scale, causal, window_left, window_right):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _fa4_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    q, k, v, scale, causal, window_left, window_right = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.options = (scale, causal, window_left, window_right)
+
+
+def _fa4_forward_backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[Any, ...]:
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _fa4_backward(dout.contiguous(), q, k, v, out, lse, *ctx.options)
+    return dq, dk, dv, None, None, None, None
+
+
+_fa4_forward.register_autograd(_fa4_forward_backward, setup_context=_fa4_setup_context)
+
+
 def fa4_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -106,23 +214,19 @@ def fa4_attention(
     window: tuple[int, int] | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention through FA4; differentiable.
+    """Attention through FA4; differentiable, and traceable by torch.compile.
 
     ``causal``: query ``i`` sees keys ``j <= i + S_k - S_q`` (aligned bottom-right). ``window=(left, right)``: query
     ``i`` sees keys with ``-left <= j - i - (S_k - S_q) <= right`` (FlashAttention's sliding window).
     """
-    module = fa4_module()
-    if module is None:
-        raise RuntimeError(f"FlashAttention-4 is not available ({fa4_import_error()}); {INSTALL_HINT}")
+    _loaded_module()
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
-    kwargs: dict[str, Any] = {"softmax_scale": head_dim ** -0.5 if scale is None else scale, "causal": causal}
-    if window is not None:
-        kwargs["window_size"] = (int(window[0]), int(window[1]))
-    if _padded(head_dim) != head_dim:  # zero columns add nothing to q k^T; the scale stays the unpadded one
-        q, k = (F.pad(x, (0, _padded(head_dim) - head_dim)) for x in (q, k))
-    v_padded = F.pad(v, (0, _padded(head_dim_v) - head_dim_v)) if _padded(head_dim_v) != head_dim_v else v
-    result = module.flash_attn_func(_to_bshd(q), _to_bshd(k), _to_bshd(v_padded), **kwargs)
-    out = result[0] if isinstance(result, tuple) else result
+    scale = head_dim ** -0.5 if scale is None else scale  # the unpadded head dim's
+    multiple = _head_dim_multiple(q)
+    q4, k4 = (_contiguous_padded(_to_bshd(x), _padded(head_dim, multiple)) for x in (q, k))
+    v4 = _contiguous_padded(_to_bshd(v), _padded(head_dim_v, multiple))
+    left, right = (None, None) if window is None else (int(window[0]), int(window[1]))
+    out, _ = _fa4_forward(q4, k4, v4, float(scale), bool(causal), left, right)
     out = out[..., :head_dim_v]
     # (batch, S_q, heads, D_v) -> the caller's (*batch, S_q, D_v)
     if q.ndim == 3:

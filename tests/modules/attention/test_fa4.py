@@ -32,22 +32,54 @@ def flash_band(s_q, s_k, left, right):
 
 
 class FakeFA4:
-    """flash_attn.cute's entry point on (batch, seq, heads, dim) tensors, in float64; records its calls."""
+    """flash_attn.cute.interface's forward and backward on (batch, seq, heads, dim) tensors, in float64; records the
+    forward calls."""
 
     def __init__(self):
         self.calls = []
+        self.backward_calls = 0
 
-    def flash_attn_func(self, q, k, v, softmax_scale=None, causal=False, window_size=(None, None)):
-        assert q.ndim == 4 and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2]  # (b, s, h, d)
-        self.calls.append({"shape": tuple(q.shape), "v_shape": tuple(v.shape), "causal": causal,
-                           "window_size": window_size, "scale": softmax_scale})
-        s_q, s_k = q.shape[1], k.shape[1]
-        left, right = window_size
+    @staticmethod
+    def _keep(s_q, s_k, causal, left, right):
         if causal:
             left, right = s_k, 0
-        keep = None if left is None else flash_band(s_q, s_k, left, right)
-        out = reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), keep, softmax_scale).transpose(1, 2)
-        return out, None
+        return None if left is None else flash_band(s_q, s_k, left, right)
+
+    @staticmethod
+    def _probabilities(q, k, keep, scale):
+        """(b, h, s, d) float64 in -> softmax probabilities (b, h, s_q, s_k) and their log-sum-exp (b, h, s_q)."""
+        scores = q @ k.transpose(-1, -2) * scale
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0), torch.logsumexp(scores, dim=-1)
+
+    def _flash_attn_fwd(self, q, k, v, softmax_scale=None, causal=False, window_size_left=None,
+                        window_size_right=None, return_lse=False):
+        assert q.ndim == 4 and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2]  # (b, s, h, d)
+        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+        self.calls.append({"shape": tuple(q.shape), "v_shape": tuple(v.shape), "causal": causal,
+                           "window_size": (window_size_left, window_size_right), "scale": softmax_scale})
+        keep = self._keep(q.shape[1], k.shape[1], causal, window_size_left, window_size_right)
+        q, k, v = (x.transpose(1, 2).double() for x in (q, k, v))
+        p, lse = self._probabilities(q, k, keep, softmax_scale)
+        out = (p @ v).transpose(1, 2)
+        return out.to(v.dtype).contiguous(), lse.float(), None, None, None
+
+    def _flash_attn_bwd(self, q, k, v, out, dout, lse, softmax_scale=None, causal=False, window_size_left=None,
+                        window_size_right=None):
+        """Attention's gradients written out (custom ops run below autograd): dV = P^T dO, dP = dO V^T,
+        dS = P * (dP - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q."""
+        self.backward_calls += 1
+        dtype = q.dtype
+        keep = self._keep(q.shape[1], k.shape[1], causal, window_size_left, window_size_right)
+        q, k, v, out, dout = (x.transpose(1, 2).double() for x in (q, k, v, out, dout))
+        p, _ = self._probabilities(q, k, keep, softmax_scale)
+        dv = p.transpose(-1, -2) @ dout
+        dp = dout @ v.transpose(-1, -2)
+        ds = p * (dp - (dout * out).sum(-1, keepdim=True))
+        dq = softmax_scale * ds @ k
+        dk = softmax_scale * ds.transpose(-1, -2) @ q
+        return tuple(g.transpose(1, 2).to(dtype).contiguous() for g in (dq, dk, dv))
 
 
 @pytest.fixture
@@ -92,6 +124,56 @@ def test_fa4_head_dims_are_padded_to_the_multiple_and_gradients_flow_back(fake_f
     for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(expected, leaves, grad_out)):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("window", [None, (2, 1)])
+def test_fa4_attention_traces_into_one_graph_with_its_backward(fake_fa4, window):
+    """FA4's kernels are custom ops: torch.compile keeps a layer around them one graph (fullgraph raises on a
+    break), and the compiled backward calls FA4's backward once."""
+    q, k, v = (t.requires_grad_() for t in qkv(2, 3, s_q=6, d=80))
+
+    def layer(q, k, v):
+        return (fa4_module.fa4_attention(q * 2.0, k, v, window=window) + 1.0).sin()
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    keep = None if window is None else flash_band(6, 6, *window)
+    expected = (reference(leaves[0] * 2.0, *leaves[1:], keep) + 1.0).sin()
+    torch.testing.assert_close(out, expected)
+    assert fake_fa4.calls[-1]["shape"][-1] == 96 and fake_fa4.calls[-1]["window_size"] == (window or (None, None))
+    grad_out = torch.randn(out.shape, dtype=out.dtype)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert fake_fa4.backward_calls == 1
+    for g, want in zip(got, torch.autograd.grad(expected, leaves, grad_out)):
+        torch.testing.assert_close(g, want)
+
+
+def test_sm90_backward_hands_the_dq_accumulator_helpers_the_kernels_rounding():
+    """FA4 b40's SM90 kernel rounds head dims to 16 for its dQ accumulator, its helpers to 32: inside mmtrain's
+    backward the helpers get 16 (64, for head dims above 128, already agrees), and afterwards they are restored."""
+    import types
+
+    seen = []
+    module = types.ModuleType("fake_interface")
+
+    def _bwd_preprocess(*args, hdim_multiple_of=32, **kwargs):
+        assert "pre" in module._bwd_preprocess.compile_cache  # found through the module, as FA4's helpers do
+        seen.append(("pre", hdim_multiple_of))
+
+    def _bwd_postprocess_convert(*args, hdim_multiple_of=32, **kwargs):
+        assert "post" in module._bwd_postprocess_convert.compile_cache
+        seen.append(("post", hdim_multiple_of))
+
+    _bwd_preprocess.compile_cache = {"pre": 1}
+    _bwd_postprocess_convert.compile_cache = {"post": 1}
+    module._bwd_preprocess, module._bwd_postprocess_convert = _bwd_preprocess, _bwd_postprocess_convert
+    with fa4_module._sm90_dq_accumulator_rounding(module):
+        module._bwd_preprocess(hdim_multiple_of=32)
+        module._bwd_postprocess_convert(hdim_multiple_of=32)
+        module._bwd_postprocess_convert(hdim_multiple_of=64)
+    assert seen == [("pre", 16), ("post", 16), ("post", 64)]
+    assert module._bwd_preprocess is _bwd_preprocess and module._bwd_postprocess_convert is _bwd_postprocess_convert
 
 
 def test_flop_counting_sets_fa4_aside(fake_fa4, monkeypatch):
@@ -176,15 +258,15 @@ needs_fa4 = pytest.mark.skipif(
 
 @pytest.mark.gpu
 @needs_fa4
-@pytest.mark.parametrize("case", ["dense_d80", "causal", "local", "local_causal"])
+@pytest.mark.parametrize("case", ["dense_d80", "dense_d72", "causal", "local", "local_causal"])
 def test_fa4_matches_float64_attention_with_gradients_on_gpu(case):
     g = torch.Generator(device="cuda").manual_seed(0)
-    d = 80 if case == "dense_d80" else 64
+    d = {"dense_d80": 80, "dense_d72": 72}.get(case, 64)
     b, h, s = 2, 3, 300
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
                for _ in range(3))
     keep = None
-    if case == "dense_d80":
+    if case.startswith("dense"):
         with sdpa_backend("fa4"):
             out = ScaledDotProduct()(q, k, v)
     elif case == "causal":
