@@ -5,11 +5,14 @@ tile and ``images * tiles * 1601`` tokens per sequence. Reports tiles/s (median 
 warm-up), counted TFLOP/s (torch.utils.flop_counter over one real step), MFU against the measured bf16 matmul peak,
 and peak memory; torchtune's ``llama3_2_vision_encoder`` runs in the same process when ``import torchtune`` works.
 
-    mmtrain bench vision_encoder [--steps 10] [--no-compile] [--ac] [--sdpa-backends auto,cudnn]
+    mmtrain bench vision_encoder [--steps 10] [--no-compile] [--cuda-graph] [--ac] [--sdpa-backends auto,fa4]
                                  [--out bench_results/vision_encoder.json]
 
 Each mmtrain variant runs once per ``--sdpa-backends`` entry (named ``... [cudnn]`` for a preference other than
-torch's own order), to measure cuDNN's attention against flash attention on the ~6400-token sequences.
+torch's own order), to measure cuDNN's attention against flash attention on the ~6400-token sequences. With
+``--cuda-graph`` (CUDA) the compiled (or, with ``--no-compile``, the eager) variant also runs with the whole step
+captured once and replayed as one CUDA graph (``... +graph``; ``mmtrain.training.cuda_graph.GraphedStep``, the
+recipes' ``cuda_graph``); its peak memory is the capture's.
     mmtrain bench vision_encoder --smoke      # tiny CPU run (tests use it)
 """
 
@@ -23,6 +26,7 @@ import platform
 import statistics
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,6 +35,7 @@ from torch import nn
 from mmtrain.bench._timing import measure_variant, step_bench_parser, time_steps
 from mmtrain.models.llama3_2_vision._component_builders import llama3_2_vision_encoder
 from mmtrain.modules.attention.sdpa_backend import sdpa_backend, sdpa_backend_order
+from mmtrain.training.cuda_graph import GraphedStep
 
 ELEVEN_B = dict(patch_size=14, num_heads=16, clip_embed_dim=1280, clip_num_layers=32,
                 clip_hidden_states=[3, 7, 15, 23, 30], num_layers_projection=8, decoder_embed_dim=4096,
@@ -45,14 +50,18 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--tiles", type=int, default=4)
     p.add_argument("--no-eager", action="store_true", help="skip the eager mmtrain variant")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also run the step replayed as one CUDA graph (CUDA only; on an H100 it gained nothing here, "
+                        "the encoder's kernels already keep the GPU busy)")
     p.add_argument("--ac", action="store_true",
                    help="also run mmtrain compiled with per-layer activation checkpointing")
     p.add_argument("--no-torchtune", action="store_true", help="do not run torchtune even if importable")
     p.add_argument("--torchtune-last", action="store_true",
                    help="run torchtune after the mmtrain variants (default: first)")
-    p.add_argument("--sdpa-backends", default="auto,cudnn",
+    p.add_argument("--sdpa-backends", default=None,
                    help="comma list: the mmtrain variants run once per SDPA kernel preference (auto = torch's order; "
-                        "cudnn/flash/efficient/math first; fa4: FlashAttention-4, with the fa4 extra)")
+                        "cudnn/flash/efficient/math first; fa4: FlashAttention-4, with the fa4 extra). Default: auto, "
+                        "and fa4 where it loads on a Hopper-or-later GPU")
     return p.parse_args(argv)
 
 
@@ -82,11 +91,11 @@ def _checkpoint_layers(model: nn.Module) -> None:
 
 def _run_variant(name: str, build: Callable[[], nn.Module], args: argparse.Namespace, cfg: dict[str, Any],
                  device: torch.device, dtype: torch.dtype, compile_layers: bool, ac: bool,
-                 sdpa: str = "auto") -> dict[str, Any]:
+                 sdpa: str = "auto", cuda_graph: bool = False) -> dict[str, Any]:
     # compile included: a compiled graph keeps the attention kernel chosen while it was traced
     def measure() -> dict[str, Any]:
         with sdpa_backend(sdpa):
-            result = _measure_variant(name, build, args, cfg, device, dtype, compile_layers, ac)
+            result = _measure_variant(name, build, args, cfg, device, dtype, compile_layers, ac, cuda_graph)
         return {**result, "sdpa_backend": sdpa}
 
     return measure_variant(name, measure, sdpa_backend=sdpa, step_s_median=None, tiles_per_s=None,
@@ -94,7 +103,8 @@ def _run_variant(name: str, build: Callable[[], nn.Module], args: argparse.Names
 
 
 def _measure_variant(name: str, build: Callable[[], nn.Module], args: argparse.Namespace, cfg: dict[str, Any],
-                     device: torch.device, dtype: torch.dtype, compile_layers: bool, ac: bool) -> dict[str, Any]:
+                     device: torch.device, dtype: torch.dtype, compile_layers: bool, ac: bool,
+                     cuda_graph: bool = False) -> dict[str, Any]:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -104,13 +114,16 @@ def _measure_variant(name: str, build: Callable[[], nn.Module], args: argparse.N
     pixels, aspect = _inputs(cfg, args.batch, args.images, args.tiles, device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
 
-    def step() -> torch.Tensor:
-        out = model(pixels, aspect)  # noqa: F821
+    def one_step(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
+        optimizer.zero_grad(set_to_none=True)  # noqa: F821 - first: a graphed step allocates the grads in its pool
+        out = model(inputs["pixels"], inputs["aspect"])  # noqa: F821
         loss = out.float().square().mean()
         loss.backward()
         optimizer.step()  # noqa: F821
-        optimizer.zero_grad(set_to_none=True)  # noqa: F821
-        return loss.detach()
+        return (loss.detach(),)
+
+    batch = {"pixels": pixels, "aspect": aspect}
+    step = partial(one_step, batch)
 
     flops = None
     try:  # counted FLOPs of one step, eager (compile does not change the math)
@@ -127,10 +140,18 @@ def _measure_variant(name: str, build: Callable[[], nn.Module], args: argparse.N
             list(model.clip.layers) + list(model.projection.layers))
         for layer in layers:
             layer.compile()
+    if cuda_graph:
+        graphed = GraphedStep(one_step, optimizer)
+        step = partial(graphed, batch)
+        for _ in range(graphed.warmup_steps):  # eager (or compiling) steps
+            step()
+        torch.cuda.synchronize()
+        # Replays allocate nothing: the step's memory is what the capture took, so the peak counts from before it.
+        torch.cuda.reset_peak_memory_stats()
 
     for _ in range(args.warmup):
         step()
-    if device.type == "cuda":
+    if device.type == "cuda" and not cuda_graph:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()  # the timed steps' peak, not the compile's
     times = time_steps(step, warmup=0, steps=args.steps, device=device)
@@ -146,9 +167,10 @@ def _measure_variant(name: str, build: Callable[[], nn.Module], args: argparse.N
         "peak_memory_gib": (peak / 2**30) if peak is not None else None,
         "params": sum(p.numel() for p in model.parameters()),
         "compiled": compile_layers,
+        "cuda_graph": cuda_graph,
         "activation_checkpointing": ac,
     }
-    del model, optimizer, pixels, aspect
+    del model, optimizer, pixels, aspect, batch, step
     return result
 
 
@@ -159,6 +181,13 @@ def _torchtune_builder(cfg: dict[str, Any]) -> Callable[[], nn.Module] | None:
         print(f"torchtune not run: {type(err).__name__}: {err}", file=sys.stderr)
         return None
     return lambda: tt_encoder(**cfg)
+
+
+def _default_backends(device: torch.device) -> str:
+    from mmtrain.modules.attention.fa4 import fa4_module
+
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return "auto,fa4" if hopper and fa4_module() is not None else "auto"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[dict[str, Any]] = []
     ours = lambda: llama3_2_vision_encoder(**cfg)
-    backends = [name.strip() for name in args.sdpa_backends.split(",") if name.strip()] or ["auto"]
+    backends = [name.strip() for name in (args.sdpa_backends or _default_backends(device)).split(",") if name.strip()]
+    backends = backends or ["auto"]
     for backend in backends:
         sdpa_backend_order(backend)  # an unknown name fails here, before any variant runs
     def run_torchtune() -> str | None:
@@ -201,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_compile:
             results.append(_run_variant(f"mmtrain compiled{tag}", ours, args, cfg, device, dtype,
                                         compile_layers=True, ac=False, sdpa=backend))
+        if device.type == "cuda" and args.cuda_graph:
+            kind = "eager" if args.no_compile else "compiled"
+            results.append(_run_variant(f"mmtrain {kind}+graph{tag}", ours, args, cfg, device, dtype,
+                                        compile_layers=not args.no_compile, ac=False, sdpa=backend, cuda_graph=True))
         if args.ac:
             results.append(_run_variant(f"mmtrain compiled+ac{tag}", ours, args, cfg, device, dtype,
                                         compile_layers=not args.no_compile, ac=True, sdpa=backend))
@@ -240,11 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         "measured_bf16_peak_tflops": peak_flops / 1e12 if peak_flops else None,
         "results": results,
     }
-    header = f"{'variant':<22}{'tiles/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'vs tt':>8}"
+    header = f"{'variant':<30}{'tiles/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'vs tt':>8}"
     print(header)
     for r in results:
         fmt = lambda v, f: (f % v) if v is not None else "-"
-        print(f"{r['name']:<22}{fmt(r['tiles_per_s'], '%.2f'):>10}{fmt(r['tflops_per_s'], '%.1f'):>10}"
+        print(f"{r['name']:<30}{fmt(r['tiles_per_s'], '%.2f'):>10}{fmt(r['tflops_per_s'], '%.1f'):>10}"
               f"{fmt(r['mfu'], '%.2f'):>8}{fmt(r['peak_memory_gib'], '%.1f'):>10}"
               f"{fmt(r.get('speedup_vs_torchtune'), '%.2fx'):>8}")
     out_dir = os.path.dirname(args.out)
