@@ -73,11 +73,19 @@ def test_11b_preset_shapes_on_meta():
     assert clip.token_pos_embedding.global_token_positional_embedding.shape == (4, 4, 1601, 1280)
 
 
-def test_bench_smoke(tmp_path):
+def test_bench_default_runs_fa4_only_where_it_loads_on_a_hopper_gpu(tmp_path):
     from mmtrain.bench.vision_encoder import main
 
     out = tmp_path / "vision_encoder.json"
     assert main(["--smoke", "--out", str(out)]) == 0
+    assert [r["sdpa_backend"] for r in json.loads(out.read_text())["results"]] == ["auto"]  # CPU: torch's order only
+
+
+def test_bench_smoke(tmp_path):
+    from mmtrain.bench.vision_encoder import main
+
+    out = tmp_path / "vision_encoder.json"
+    assert main(["--smoke", "--sdpa-backends", "auto,cudnn", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["smoke"] is True
     assert [r["name"] for r in report["results"]] == ["mmtrain eager", "mmtrain eager [cudnn]"]
