@@ -104,10 +104,12 @@ def _to_bshd(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-3], x.shape[-2], x.shape[-1]).transpose(1, 2)
 
 
+def _on_sm90(x: torch.Tensor) -> bool:
+    return x.is_cuda and _compute_capability_major(x.device) == 9
+
+
 def _head_dim_multiple(q: torch.Tensor) -> int:
-    if q.is_cuda and _compute_capability_major(q.device) == 9:
-        return SM90_HEAD_DIM_MULTIPLE
-    return HEAD_DIM_MULTIPLE
+    return SM90_HEAD_DIM_MULTIPLE if _on_sm90(q) else HEAD_DIM_MULTIPLE
 
 
 def _contiguous_padded(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -176,7 +178,7 @@ def _fa4_forward_fake(q, k, v, scale, causal, window_left, window_right):
 @torch.library.custom_op("mmtrain::fa4_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def _fa4_backward(dout, q, k, v, out, lse, scale, causal, window_left, window_right):
     module = _loaded_module()
-    fix = (q.is_cuda and _compute_capability_major(q.device) == 9 and q.shape[-1] % 32 != 0
+    fix = (_on_sm90(q) and q.shape[-1] % 32 != 0
            and all(hasattr(module, name) for name in ("_bwd_preprocess", "_bwd_postprocess_convert")))
     with _sm90_dq_accumulator_rounding(module) if fix else contextlib.nullcontext():
         grads = module._flash_attn_bwd(
