@@ -18,7 +18,7 @@ from mmtrain.modules.attention.feature_maps import FeatureMapType, SMHyperbolic,
 from mmtrain.modules.attention.global_attention import GlobalAttention
 from mmtrain.modules.attention.linformer import LinformerAttention
 from mmtrain.modules.attention.local import LocalAttention
-from mmtrain.modules.attention.multi_head import KVCache, MultiHeadAttention
+from mmtrain.modules.attention.multi_head import KVCache, MultiHeadAttention, set_fused_qkv
 from mmtrain.modules.attention.nystrom import NystromAttention
 from mmtrain.modules.attention.orthoformer import LandmarkSelection, OrthoFormerAttention
 from mmtrain.modules.attention.random_attention import RandomAttention
@@ -46,4 +46,5 @@ __all__ = [
     "ScaledDotProduct",
     "build_attention",
     "register_attention",
+    "set_fused_qkv",
 ]

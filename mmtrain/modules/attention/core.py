@@ -12,7 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from mmtrain.modules.attention.base import Attention, AttentionConfig, register_attention
-from mmtrain.modules.attention.fa4 import fa4_attention, fa4_supported
+from mmtrain.modules.attention.fa4 import (
+    fa4_attention,
+    fa4_packed_attention,
+    fa4_packed_supported,
+    fa4_supported,
+)
 from mmtrain.modules.attention.sdpa_backend import fa4_preferred
 
 
@@ -258,6 +263,14 @@ class ScaledDotProduct(Attention):
         if self._causal_mask is None:
             self._causal_mask = AttentionMask.make_causal(self.seq_len, self.to_seq_len)
         return self._causal_mask
+
+    def packed_self_attention(self, qkv: torch.Tensor, num_heads: int) -> torch.Tensor | None:
+        """Unmasked self-attention on a fused projection's output ``(b, S, 3 * heads * D)`` (``[q | k | v]``) ->
+        ``(b, S, heads, D)``, through FlashAttention-4 reading the three slices in place; None where FA4 does not
+        take the call (then the caller splits q, k, v and calls ``forward``)."""
+        if fa4_preferred() and not (self.training and self.dropout > 0) and fa4_packed_supported(qkv, num_heads):
+            return fa4_packed_attention(qkv, num_heads, causal=self.causal)
+        return None
 
     def forward(
         self,

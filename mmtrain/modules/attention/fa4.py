@@ -234,3 +234,99 @@ def fa4_attention(
     if q.ndim == 3:
         return out.squeeze(2)
     return out.transpose(1, 2).reshape(*q.shape[:-1], head_dim_v)
+
+
+# Packed self-attention: q, k and v as three slices of one (batch, S, 3 * heads * D) projection output (fused QKV).
+# FA4 reads the slices in place (its kernels take strided tensors whose last dim is contiguous) and its backward
+# writes dq, dk and dv into the slices of one gradient tensor of the same layout, so the fused projection's backward
+# gets its input gradient without the copy that concatenating three separate gradients would cost.
+_PACKED_FORWARD_SCHEMA = ("(Tensor qkv, int num_heads, float scale, bool causal, int? window_left,"
+                          " int? window_right) -> (Tensor, Tensor)")
+_PACKED_BACKWARD_SCHEMA = ("(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int num_heads, float scale, bool causal,"
+                           " int? window_left, int? window_right) -> Tensor")
+
+
+def _unpacked(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, ...]:
+    """(batch, S, 3 * heads * D) -> q, k, v views, each (batch, S, heads, D)."""
+    batch, seq, width = qkv.shape
+    return qkv.view(batch, seq, 3, num_heads, width // (3 * num_heads)).unbind(2)
+
+
+@torch.library.custom_op("mmtrain::fa4_packed_forward", mutates_args=(), schema=_PACKED_FORWARD_SCHEMA)
+def _fa4_packed_forward(qkv, num_heads, scale, causal, window_left, window_right):
+    q, k, v = _unpacked(qkv, num_heads)
+    result = _loaded_module()._flash_attn_fwd(
+        q, k, v, softmax_scale=scale, causal=causal, window_size_left=window_left, window_size_right=window_right,
+        return_lse=True)
+    return result[0].contiguous(), result[1].contiguous()
+
+
+@_fa4_packed_forward.register_fake
+def _fa4_packed_forward_fake(qkv, num_heads, scale, causal, window_left, window_right):
+    batch, seq, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    return (qkv.new_empty(batch, seq, num_heads, head_dim),
+            qkv.new_empty(batch, num_heads, seq, dtype=torch.float32))
+
+
+@torch.library.custom_op("mmtrain::fa4_packed_backward", mutates_args=(), schema=_PACKED_BACKWARD_SCHEMA)
+def _fa4_packed_backward(dout, qkv, out, lse, num_heads, scale, causal, window_left, window_right):
+    module = _loaded_module()
+    q, k, v = _unpacked(qkv, num_heads)
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    dq, dk, dv = _unpacked(dqkv, num_heads)
+    fix = (_on_sm90(q) and q.shape[-1] % 32 != 0
+           and all(hasattr(module, name) for name in ("_bwd_preprocess", "_bwd_postprocess_convert")))
+    with _sm90_dq_accumulator_rounding(module) if fix else contextlib.nullcontext():
+        grads = module._flash_attn_bwd(
+            q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, window_size_left=window_left,
+            window_size_right=window_right, dq=dq, dk=dk, dv=dv)
+    for written, slot in zip(grads[:3], (dq, dk, dv)):
+        if written.data_ptr() != slot.data_ptr():  # a kernel that allocated its own output after all: copy it in
+            slot.copy_(written)
+    return dqkv
+
+
+@_fa4_packed_backward.register_fake
+def _fa4_packed_backward_fake(dout, qkv, out, lse, num_heads, scale, causal, window_left, window_right):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _fa4_packed_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    qkv, num_heads, scale, causal, window_left, window_right = inputs
+    ctx.save_for_backward(qkv, *output)
+    ctx.options = (num_heads, scale, causal, window_left, window_right)
+
+
+def _fa4_packed_forward_backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[Any, ...]:
+    qkv, out, lse = ctx.saved_tensors
+    dqkv = _fa4_packed_backward(dout.contiguous(), qkv, out, lse, *ctx.options)
+    return dqkv, None, None, None, None, None
+
+
+_fa4_packed_forward.register_autograd(_fa4_packed_forward_backward, setup_context=_fa4_packed_setup_context)
+
+
+def fa4_packed_supported(qkv: torch.Tensor, num_heads: int) -> bool:
+    """Whether ``fa4_packed_attention`` takes this ``(batch, S, 3 * heads * D)`` projection output: what
+    ``fa4_supported`` asks of q, k and v, with a head dim FA4 takes as it is (no padding: the slices stay in place)."""
+    if qkv.ndim != 3 or qkv.shape[-1] % (3 * num_heads):
+        return False
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    q = qkv.narrow(-1, 0, head_dim)
+    if not fa4_supported(q, q, q):
+        return False
+    return head_dim % _head_dim_multiple(qkv) == 0 and qkv.stride(-1) == 1
+
+
+def fa4_packed_attention(qkv: torch.Tensor, num_heads: int, *, causal: bool = False,
+                         window: tuple[int, int] | None = None, scale: float | None = None) -> torch.Tensor:
+    """Self-attention through FA4 on a fused projection's output: ``qkv (batch, S, 3 * heads * D)`` holding
+    ``[q | k | v]``, each ``heads * D`` wide and split into heads in order -> ``(batch, S, heads, D)``.
+    ``causal`` and ``window`` as in ``fa4_attention``. Check ``fa4_packed_supported`` first."""
+    _loaded_module()
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    scale = head_dim ** -0.5 if scale is None else scale
+    left, right = (None, None) if window is None else (int(window[0]), int(window[1]))
+    out, _ = _fa4_packed_forward(qkv.contiguous(), int(num_heads), float(scale), bool(causal), left, right)
+    return out

@@ -56,9 +56,11 @@ class FakeFA4:
     def _flash_attn_fwd(self, q, k, v, softmax_scale=None, causal=False, window_size_left=None,
                         window_size_right=None, return_lse=False):
         assert q.ndim == 4 and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2]  # (b, s, h, d)
-        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+        assert all(x.stride(-1) == 1 for x in (q, k, v))  # FA4 takes other strides, not a strided head dim
         self.calls.append({"shape": tuple(q.shape), "v_shape": tuple(v.shape), "causal": causal,
-                           "window_size": (window_size_left, window_size_right), "scale": softmax_scale})
+                           "window_size": (window_size_left, window_size_right), "scale": softmax_scale,
+                           "contiguous": all(x.is_contiguous() for x in (q, k, v)),
+                           "storage": {x.untyped_storage().data_ptr() for x in (q, k, v)}})
         keep = self._keep(q.shape[1], k.shape[1], causal, window_size_left, window_size_right)
         q, k, v = (x.transpose(1, 2).double() for x in (q, k, v))
         p, lse = self._probabilities(q, k, keep, softmax_scale)
@@ -66,10 +68,11 @@ class FakeFA4:
         return out.to(v.dtype).contiguous(), lse.float(), None, None, None
 
     def _flash_attn_bwd(self, q, k, v, out, dout, lse, softmax_scale=None, causal=False, window_size_left=None,
-                        window_size_right=None):
+                        window_size_right=None, dq=None, dk=None, dv=None):
         """Attention's gradients written out (custom ops run below autograd): dV = P^T dO, dP = dO V^T,
         dS = P * (dP - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q."""
         self.backward_calls += 1
+        dq_out, dk_out, dv_out = dq, dk, dv
         dtype = q.dtype
         keep = self._keep(q.shape[1], k.shape[1], causal, window_size_left, window_size_right)
         q, k, v, out, dout = (x.transpose(1, 2).double() for x in (q, k, v, out, dout))
@@ -79,7 +82,13 @@ class FakeFA4:
         ds = p * (dp - (dout * out).sum(-1, keepdim=True))
         dq = softmax_scale * ds @ k
         dk = softmax_scale * ds.transpose(-1, -2) @ q
-        return tuple(g.transpose(1, 2).to(dtype).contiguous() for g in (dq, dk, dv))
+        grads = [g.transpose(1, 2).to(dtype).contiguous() for g in (dq, dk, dv)]
+        self.backward_outputs = [given is not None for given in (dq_out, dk_out, dv_out)]
+        for i, given in enumerate((dq_out, dk_out, dv_out)):
+            if given is not None:  # as FA4 does: written into the caller's (possibly strided) tensors
+                given.copy_(grads[i])
+                grads[i] = given
+        return tuple(grads)
 
 
 @pytest.fixture
@@ -110,6 +119,7 @@ def test_fa4_attention_hands_over_heads_as_bshd_and_returns_the_callers_layout(f
     assert fake_fa4.calls[-1]["shape"][1:] == (9, heads, 32) and fake_fa4.calls[-1]["v_shape"][-1] == 32
     assert fake_fa4.calls[-1]["scale"] == pytest.approx(8 ** -0.5)
     assert fake_fa4.calls[-1]["window_size"] == (2, 2)
+    assert fake_fa4.calls[-1]["contiguous"]  # the unpacked ops promise contiguous (b, s, h, d)
 
 
 def test_fa4_head_dims_are_padded_to_the_multiple_and_gradients_flow_back(fake_fa4):
@@ -147,6 +157,93 @@ def test_fa4_attention_traces_into_one_graph_with_its_backward(fake_fa4, window)
     assert fake_fa4.backward_calls == 1
     for g, want in zip(got, torch.autograd.grad(expected, leaves, grad_out)):
         torch.testing.assert_close(g, want)
+
+
+def packed_projection(b=2, s=6, heads=2, d=8, bias=True):
+    """float64 weights of a fused-QKV self-attention layer and an input."""
+    g = torch.Generator().manual_seed(3)
+    width = heads * d
+    x = torch.randn(b, s, width, generator=g, dtype=torch.float64)
+    weights = [torch.randn(width, width, generator=g, dtype=torch.float64) / math.sqrt(width) for _ in range(4)]
+    biases = [torch.randn(width, generator=g, dtype=torch.float64) for _ in range(3)] if bias else [None] * 3
+    return x, weights, biases
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_qkv_attention_reads_and_writes_the_packed_projection_in_place(fake_fa4, monkeypatch, causal):
+    """With fused QKV on FA4, q, k, v reach the kernel as strided slices of one projection output (no copies), and
+    the backward's dq, dk, dv are written into one packed gradient; values and gradients match float64 attention."""
+    from mmtrain.modules.attention import MultiHeadAttention
+
+    monkeypatch.setattr(core_module, "fa4_packed_supported", lambda qkv, num_heads: True)
+    b, s, heads, d = 2, 6, 2, 8
+    x, weights, biases = packed_projection(b, s, heads, d)
+    mha = MultiHeadAttention(embed_dim=heads * d, num_heads=heads, bias=True, is_causal=causal,
+                             fused_qkv=True).double()
+    with torch.no_grad():
+        for proj, w, bias in zip((mha.q_proj, mha.k_proj, mha.v_proj, mha.output_proj), weights, biases + [None]):
+            proj.weight.copy_(w)
+            proj.bias.copy_(bias if bias is not None else torch.zeros_like(proj.bias))
+    x = x.requires_grad_()
+    with sdpa_backend("fa4"):
+        out = mha(x)
+    call = fake_fa4.calls[-1]
+    assert call["shape"] == (b, s, heads, d) and not call["contiguous"] and len(call["storage"]) == 1
+    assert call["causal"] is causal
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *weights[:3], *biases)]
+    x_ref, wq, wk, wv, bq, bk, bv = leaves
+    split = [(x_ref @ w.T + bias).view(b, s, heads, d).transpose(1, 2) for w, bias in ((wq, bq), (wk, bk), (wv, bv))]
+    keep = torch.ones(s, s, dtype=torch.bool).tril() if causal else None
+    expected = reference(*split, keep=keep).transpose(1, 2).reshape(b, s, heads * d) @ weights[3].T
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(4))
+    got = torch.autograd.grad(out, [x, mha.q_proj.weight, mha.k_proj.weight, mha.v_proj.weight,
+                                    mha.q_proj.bias, mha.k_proj.bias, mha.v_proj.bias], grad_out)
+    assert fake_fa4.backward_calls == 1 and fake_fa4.backward_outputs == [True, True, True]
+    for g, want in zip(got, torch.autograd.grad(expected, leaves, grad_out)):
+        torch.testing.assert_close(g, want)
+
+
+def test_packed_attention_traces_into_one_graph(fake_fa4):
+    x, weights, _ = packed_projection(bias=False)
+    weight = torch.cat(weights[:3]).requires_grad_()
+
+    def layer(x, weight):
+        return fa4_module.fa4_packed_attention(x @ weight.T, 2, causal=True).sin()
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    out = compiled(x, weight)
+    assert out.shape == (2, 6, 2, 8)
+    (grad,) = torch.autograd.grad(out.sum(), weight)
+    leaf = weight.detach().clone().requires_grad_()
+    q, k, v = (x @ w.T for w in leaf.split(16))
+    split = [t.view(2, 6, 2, 8).transpose(1, 2) for t in (q, k, v)]
+    expected = reference(*split, keep=torch.ones(6, 6, dtype=torch.bool).tril()).transpose(1, 2).sin()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.sum(), leaf)[0])
+    assert fake_fa4.backward_calls == 1
+
+
+def test_packed_attention_is_only_taken_where_fa4_would_take_it(fake_fa4, monkeypatch):
+    from mmtrain.modules.attention import MultiHeadAttention
+
+    qkv_cpu = torch.randn(1, 4, 3 * 2 * 16, dtype=torch.bfloat16)
+    assert not fa4_module.fa4_packed_supported(qkv_cpu, 2)  # not on CUDA
+    with monkeypatch.context() as hopper:
+        hopper.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+        hopper.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        assert fa4_module.fa4_packed_supported(qkv_cpu, 2)
+        assert not fa4_module.fa4_packed_supported(qkv_cpu, 5)  # 96 is not 3 * 5 heads wide
+        head_dim_24 = torch.randn(1, 4, 3 * 2 * 24, dtype=torch.bfloat16)
+        assert fa4_module.fa4_supported(*head_dim_24.view(1, 4, 3, 2, 24).unbind(2))  # unpacked: padded
+        assert not fa4_module.fa4_packed_supported(head_dim_24, 2)  # the packed one would need padding in place
+    mha = MultiHeadAttention(embed_dim=16, num_heads=2, fused_qkv=True).double()
+    x = torch.randn(1, 4, 16, dtype=torch.float64)
+    assert mha.attention.packed_self_attention(torch.randn(1, 4, 48, dtype=torch.float64), 2) is None
+    with sdpa_backend("fa4"):
+        mha(x)  # on CPU FA4 declines: the split projections go through SDPA
+    assert fake_fa4.calls == []
 
 
 def test_sm90_backward_hands_the_dq_accumulator_helpers_the_kernels_rounding():
@@ -288,3 +385,45 @@ def test_fa4_matches_float64_attention_with_gradients_on_gpu(case):
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     for name, got, want in zip("qkv", grads, torch.autograd.grad(expected, leaves, grad_out.double())):
         torch.testing.assert_close(got.double(), want, **tolerance, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.gpu
+@needs_fa4
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_qkv_on_fa4_matches_float64_attention_on_gpu(monkeypatch, causal):
+    """Head dim 80 (the 11B vision encoder's) through the packed op: FA4 reads strided slices of the projection and
+    writes dq, dk, dv into one packed gradient."""
+    from mmtrain.modules.attention import MultiHeadAttention
+
+    packed_calls = []
+    op = fa4_module._fa4_packed_forward
+    monkeypatch.setattr(fa4_module, "_fa4_packed_forward", lambda *a: packed_calls.append(1) or op(*a))
+    torch.manual_seed(0)
+    b, s, heads, d = 2, 300, 4, 80
+    mha = MultiHeadAttention(embed_dim=heads * d, num_heads=heads, bias=True, is_causal=causal, fused_qkv=True)
+    mha = mha.to("cuda", torch.bfloat16)
+    x = torch.randn(b, s, heads * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with sdpa_backend("fa4"):
+        out = mha(x)
+    assert packed_calls == [1]
+    params = [mha.q_proj.weight, mha.k_proj.weight, mha.v_proj.weight, mha.q_proj.bias, mha.k_proj.bias,
+              mha.v_proj.bias]
+    leaves = [t.detach().double().requires_grad_() for t in (x, *params)]
+    x64, wq, wk, wv, bq, bk, bv = leaves
+    split = [(x64 @ w.T + bias).view(b, s, heads, d).transpose(1, 2) for w, bias in ((wq, bq), (wk, bk), (wv, bv))]
+    keep = torch.ones(s, s, dtype=torch.bool, device="cuda").tril() if causal else None
+    attended = reference(*split, keep=keep).transpose(1, 2).reshape(b, s, heads * d)
+    expected = attended @ mha.output_proj.weight.double().T + mha.output_proj.bias.double()
+    torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=3e-2)
+    grad_out = torch.randn(out.shape, device="cuda", dtype=out.dtype)
+    grads = dict(zip(["x", "q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias", "k_proj.bias",
+                      "v_proj.bias"], torch.autograd.grad(out, [x, *params], grad_out)))
+    wanted = dict(zip(grads, torch.autograd.grad(expected, leaves, grad_out.double())))
+    for name in grads:
+        if name == "k_proj.bias":
+            continue
+        relative = (grads[name].double() - wanted[name]).norm() / wanted[name].norm()
+        assert relative < 2e-2, f"d{name}: relative error {relative:.3g}"
+    # A shift shared by every key moves each query's scores by one constant, which softmax ignores: the key bias's
+    # true gradient is 0, so bf16 rounding is all that is left of it.
+    assert grads["k_proj.bias"].double().norm() < 2e-2 * wanted["v_proj.bias"].norm()
