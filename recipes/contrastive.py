@@ -32,6 +32,7 @@ from torch import nn
 from mmtrain.config import instantiate
 from mmtrain.data.loader import build_contrastive_loader
 from mmtrain.errors import ConfigError
+from mmtrain.modules.attention.multi_head import apply_fused_qkv_setting
 from mmtrain.modules.attention.sdpa_backend import SDPA_BACKENDS, sdpa_backend, sdpa_backend_order
 from mmtrain.training import distributed as D
 from mmtrain.training.checkpoint import CheckpointManager, export_model
@@ -130,6 +131,7 @@ class ContrastiveRecipe:
         self.tokenizer = instantiate(cfg.tokenizer)
         self._check_vocab(model)
         task = ContrastiveTask(model, loss_fn)
+        apply_fused_qkv_setting(model, auto_true_false(cfg, "fused_qkv"), self.sdpa)
         self.channels_last = self._use_channels_last(model)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)  # the conv weights; .to(device) later keeps their strides
@@ -635,7 +637,7 @@ def validate(cfg: DictConfig, report) -> None:
         report.error("sdpa_backend", f"must be auto or one of {', '.join(SDPA_BACKENDS)}, got {cfg.get('sdpa_backend')!r}")
     if str(cfg.get("host_sync", "auto")) not in ("auto", "step", "log"):
         report.error("host_sync", f"must be auto, step or log, got {cfg.get('host_sync')!r}")
-    for key in ("cuda_graph", "channels_last", "normalize_on_device"):
+    for key in ("cuda_graph", "channels_last", "normalize_on_device", "fused_qkv"):
         if not is_auto_true_false(cfg.get(key, "auto")):
             report.error(key, f"must be auto, true or false, got {cfg.get(key)!r}")
     if cfg.get("decode_on_device", False) not in (True, False):

@@ -6,9 +6,10 @@ next-token cross-entropy on answer tokens only. Evaluation decodes greedy answer
 (KV caches, encoder run once per prompt) and logs ``val/answer_acc`` (exact match) to metrics.jsonl.
 
 Config keys: output_dir, seed, max_steps, resume, batch_size, precision (fp32|bf16), sdpa_backend
-(auto|cudnn|flash|efficient|math), compile (none|regional|whole), activation_checkpointing,
-distributed.{strategy,world_size,reduce_dtype}, checkpoint.{every_n_steps (0: no checkpoint; else also the last
-step),keep}, eval.{every_n_steps,batch_size,max_new_tokens,max_samples}, log.{every_n_steps,wandb,progress_bar},
+(auto|cudnn|flash|efficient|math|fa4), fused_qkv (auto|true|false: one q/k/v projection matmul; auto: with fa4),
+compile (none|regional|whole), activation_checkpointing, distributed.{strategy,world_size,reduce_dtype},
+checkpoint.{every_n_steps (0: no checkpoint; else also the last step),keep},
+eval.{every_n_steps,batch_size,max_new_tokens,max_samples}, log.{every_n_steps,wandb,progress_bar},
 nonfinite.{policy,max_consecutive} (a NaN/inf loss or gradient norm: skip the step, or stop after that many in a
 row), tokenizer, dataset, model, optimizer, lr_scheduler.
 
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmtrain.config import instantiate
 from mmtrain.errors import ConfigError
+from mmtrain.modules.attention.multi_head import apply_fused_qkv_setting
 from mmtrain.modules.attention.sdpa_backend import SDPA_BACKENDS, sdpa_backend, sdpa_backend_order
 from mmtrain.training.nonfinite import POLICIES, NonFiniteGuard
 
@@ -68,6 +70,8 @@ def validate(cfg: DictConfig, report: Any) -> None:
         report.error("precision", f"expected fp32 or bf16, got {precision!r}")
     if str(cfg.get("sdpa_backend", "auto")) not in ("auto", *SDPA_BACKENDS):
         report.error("sdpa_backend", f"must be auto or one of {', '.join(SDPA_BACKENDS)}, got {cfg.get('sdpa_backend')!r}")
+    if cfg.get("fused_qkv", "auto") not in ("auto", True, False):
+        report.error("fused_qkv", f"must be auto, true or false, got {cfg.get('fused_qkv')!r}")
     policy = OmegaConf.select(cfg, "nonfinite.policy")
     if policy is not None and policy not in POLICIES:
         report.error("nonfinite.policy", f"must be {' or '.join(POLICIES)}, got {policy!r}")
@@ -227,6 +231,7 @@ def main(cfg: DictConfig) -> dict:
     if tokenizer.vocab_size > base_vocab:
         raise ConfigError(f"model.vocab_size: {base_vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
     total_params, trainable_params = count_parameters(model)
+    apply_fused_qkv_setting(model, cfg.get("fused_qkv", "auto"), str(cfg.get("sdpa_backend", "auto")))
 
     if cfg.get("activation_checkpointing", False):
         apply_activation_checkpointing(model)

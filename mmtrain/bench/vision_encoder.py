@@ -6,7 +6,7 @@ warm-up), counted TFLOP/s (torch.utils.flop_counter over one real step), MFU aga
 and peak memory; torchtune's ``llama3_2_vision_encoder`` runs in the same process when ``import torchtune`` works.
 
     mmtrain bench vision_encoder [--steps 10] [--no-compile] [--cuda-graph] [--ac] [--sdpa-backends auto,fa4]
-                                 [--out bench_results/vision_encoder.json]
+                                 [--fused-qkv auto|on|off|both] [--out bench_results/vision_encoder.json]
 
 Each mmtrain variant runs once per ``--sdpa-backends`` entry (named ``... [cudnn]`` for a preference other than
 torch's own order), to measure cuDNN's attention against flash attention on the ~6400-token sequences. With
@@ -34,6 +34,7 @@ from torch import nn
 
 from mmtrain.bench._timing import measure_variant, step_bench_parser, time_steps
 from mmtrain.models.llama3_2_vision._component_builders import llama3_2_vision_encoder
+from mmtrain.modules.attention.multi_head import apply_fused_qkv_setting
 from mmtrain.modules.attention.sdpa_backend import sdpa_backend, sdpa_backend_order
 from mmtrain.training.cuda_graph import GraphedStep
 
@@ -58,6 +59,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-torchtune", action="store_true", help="do not run torchtune even if importable")
     p.add_argument("--torchtune-last", action="store_true",
                    help="run torchtune after the mmtrain variants (default: first)")
+    p.add_argument("--fused-qkv", choices=("auto", "on", "off", "both"), default="auto",
+                   help="mmtrain's attention projects q, k, v with one matmul (MultiHeadAttention's fused_qkv; on FA4 "
+                        "the attention reads the packed projection in place). auto: as the recipes' fused_qkv: auto, "
+                        "on in the fa4 variants; both: each variant with and without (`+fqkv` in the name)")
     p.add_argument("--sdpa-backends", default=None,
                    help="comma list: the mmtrain variants run once per SDPA kernel preference (auto = torch's order; "
                         "cudnn/flash/efficient/math first; fa4: FlashAttention-4, with the fa4 extra). Default: auto, "
@@ -167,6 +172,7 @@ def _measure_variant(name: str, build: Callable[[], nn.Module], args: argparse.N
         "peak_memory_gib": (peak / 2**30) if peak is not None else None,
         "params": sum(p.numel() for p in model.parameters()),
         "compiled": compile_layers,
+        "fused_qkv": any(getattr(m, "fused_qkv", False) for m in model.modules()),
         "cuda_graph": cuda_graph,
         "activation_checkpointing": ac,
     }
@@ -205,7 +211,15 @@ def main(argv: list[str] | None = None) -> int:
             torch.backends.cuda.matmul.allow_tf32 = True
 
     results: list[dict[str, Any]] = []
-    ours = lambda: llama3_2_vision_encoder(**cfg)
+
+    def ours_with(fused_qkv: bool | str, backend: str) -> Callable[[], nn.Module]:
+        def build() -> nn.Module:
+            model = llama3_2_vision_encoder(**cfg)
+            apply_fused_qkv_setting(model, fused_qkv, backend)
+            return model
+        return build
+
+    fusings = {"auto": ["auto"], "on": [True], "off": [False], "both": [False, True]}[args.fused_qkv]
     backends = [name.strip() for name in (args.sdpa_backends or _default_backends(device)).split(",") if name.strip()]
     backends = backends or ["auto"]
     for backend in backends:
@@ -223,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     # The peer runs first by default, in a fresh process: nothing compiled yet, no kernel preference set, no
     # allocator blocks cached by our variants.
     torchtune_version = None if args.torchtune_last else run_torchtune()
-    for backend in backends:
-        tag = "" if backend == "auto" else f" [{backend}]"
+    for backend, fused_qkv in ((b, f) for b in backends for f in fusings):
+        tag = ("+fqkv" if fused_qkv is True and args.fused_qkv == "both" else "")
+        tag += "" if backend == "auto" else f" [{backend}]"
+        ours = ours_with(fused_qkv, backend)
         if not args.no_eager:
             results.append(_run_variant(f"mmtrain eager{tag}", ours, args, cfg, device, dtype, compile_layers=False,
                                         ac=False, sdpa=backend))
