@@ -125,6 +125,7 @@ VLM_CASES = [
     pytest.param(["dataset.image_size=64"], ["dataset.image_size", "model.image_size 32"], id="tile-size-mismatch"),
     pytest.param(["tokenizer.image_token_id=500"], ["tokenizer.image_token_id", "500"], id="image-token-id-out-of-range"),
     pytest.param(["model.num_heads=3"], ["key 'model'"], id="vlm-heads-do-not-divide-width"),
+    pytest.param(["fused_qkv=always"], ["fused_qkv", "auto, true or false", "always"], id="vlm-fused-qkv-value"),
 ]
 
 

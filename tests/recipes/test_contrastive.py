@@ -315,3 +315,26 @@ def test_data_wait_is_the_share_of_each_window_spent_waiting_for_the_loader(tmp_
         assert event["data_wait"] > 0.5
     fast = [e["data_wait"] for e in _events(tmp_path / "fast") if "data_wait" in e]
     assert len(fast) == 2 and all(0.0 <= w < 0.5 for w in fast)
+
+
+def test_fused_qkv_trains_like_separate_projections(tmp_path):
+    from mmtrain.errors import ConfigError
+    from mmtrain.modules.attention import MultiHeadAttention
+
+    recipe = _recipe()
+    r = recipe.ContrastiveRecipe(tiny_cfg(tmp_path / "setup", max_steps=1, fused_qkv=True))
+    r.setup()
+    try:
+        attentions = [m for m in r.task.modules() if isinstance(m, MultiHeadAttention)]
+        assert attentions and all(m.fused_qkv for m in attentions)
+    finally:
+        r.cleanup()
+    losses = {}
+    for flag in (False, True):
+        recipe.main(tiny_cfg(tmp_path / str(flag), max_steps=3, fused_qkv=flag, **{"checkpoint.every_n_steps": 0}))
+        losses[flag] = _losses(tmp_path / str(flag))
+    assert sorted(losses[True]) == [1, 2, 3]
+    for step, loss in losses[False].items():  # one matmul instead of three: equal up to float32 rounding
+        assert math.isclose(losses[True][step], loss, rel_tol=1e-5), step
+    with pytest.raises(ConfigError, match="fused_qkv: expected auto, true or false, got 'always'"):
+        recipe.main(tiny_cfg(tmp_path / "bad", fused_qkv="always"))
