@@ -247,7 +247,8 @@ class MultiHeadAttention(nn.Module):
 
 
 def set_fused_qkv(model: nn.Module, enabled: bool = True, *, packable_only: bool = False) -> int:
-    """Switch ``fused_qkv`` on (or off) in every ``MultiHeadAttention`` of ``model``; returns how many were set.
+    """Switch ``fused_qkv`` on (or off) in every ``MultiHeadAttention`` of ``model``; returns how many now have it as
+    asked (all of them, unless ``packable_only`` leaves some off).
 
     ``packable_only``: switch it on only where the attention could read the packed projection in place (no q/k norms
     or positional embeddings, as many key/value heads as query heads), where the fused matmul has been measured to
