@@ -154,6 +154,13 @@ def _sm90_dq_accumulator_rounding(module: ModuleType) -> Iterator[None]:
             setattr(module, name, helper)
 
 
+def _dq_accumulator_fix(module: ModuleType, q: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+    """The helpers' rounding fix where FA4's SM90 backward needs it (head dims that are not multiples of 32)."""
+    needed = (_on_sm90(q) and q.shape[-1] % 32 != 0
+              and all(hasattr(module, name) for name in ("_bwd_preprocess", "_bwd_postprocess_convert")))
+    return _sm90_dq_accumulator_rounding(module) if needed else contextlib.nullcontext()
+
+
 def _loaded_module() -> ModuleType:
     module = fa4_module()
     if module is None:
@@ -178,9 +185,7 @@ def _fa4_forward_fake(q, k, v, scale, causal, window_left, window_right):
 @torch.library.custom_op("mmtrain::fa4_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def _fa4_backward(dout, q, k, v, out, lse, scale, causal, window_left, window_right):
     module = _loaded_module()
-    fix = (_on_sm90(q) and q.shape[-1] % 32 != 0
-           and all(hasattr(module, name) for name in ("_bwd_preprocess", "_bwd_postprocess_convert")))
-    with _sm90_dq_accumulator_rounding(module) if fix else contextlib.nullcontext():
+    with _dq_accumulator_fix(module, q):
         grads = module._flash_attn_bwd(
             q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, window_size_left=window_left,
             window_size_right=window_right)
@@ -275,9 +280,7 @@ def _fa4_packed_backward(dout, qkv, out, lse, num_heads, scale, causal, window_l
     q, k, v = _unpacked(qkv, num_heads)
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     dq, dk, dv = _unpacked(dqkv, num_heads)
-    fix = (_on_sm90(q) and q.shape[-1] % 32 != 0
-           and all(hasattr(module, name) for name in ("_bwd_preprocess", "_bwd_postprocess_convert")))
-    with _sm90_dq_accumulator_rounding(module) if fix else contextlib.nullcontext():
+    with _dq_accumulator_fix(module, q):
         grads = module._flash_attn_bwd(
             q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, window_size_left=window_left,
             window_size_right=window_right, dq=dq, dk=dk, dv=dv)
