@@ -264,11 +264,15 @@ class ScaledDotProduct(Attention):
             self._causal_mask = AttentionMask.make_causal(self.seq_len, self.to_seq_len)
         return self._causal_mask
 
+    def _fa4_allowed(self) -> bool:
+        """Inside ``sdpa_backend("fa4")`` and without attention dropout (FA4 has none)."""
+        return fa4_preferred() and not (self.training and self.dropout > 0)
+
     def packed_self_attention(self, qkv: torch.Tensor, num_heads: int) -> torch.Tensor | None:
         """Unmasked self-attention on a fused projection's output ``(b, S, 3 * heads * D)`` (``[q | k | v]``) ->
         ``(b, S, heads, D)``, through FlashAttention-4 reading the three slices in place; None where FA4 does not
         take the call (then the caller splits q, k, v and calls ``forward``)."""
-        if fa4_preferred() and not (self.training and self.dropout > 0) and fa4_packed_supported(qkv, num_heads):
+        if self._fa4_allowed() and fa4_packed_supported(qkv, num_heads):
             return fa4_packed_attention(qkv, num_heads, causal=self.causal)
         return None
 
@@ -289,7 +293,7 @@ class ScaledDotProduct(Attention):
             att_mask = att_mask.values
         mask = merge_masks(att_mask, key_padding_mask, q, k)
         s_q, s_k = q.shape[-2], k.shape[-2]
-        if (mask is None and fa4_preferred() and not (self.training and self.dropout > 0)
+        if (mask is None and self._fa4_allowed()
                 and not (is_causal and s_q > s_k) and fa4_supported(q, k, v)):
             # FA4's causal band is aligned bottom-right, as this module's is when S_q < S_k
             return fa4_attention(q, k, v, causal=is_causal)
