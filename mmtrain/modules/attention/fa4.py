@@ -15,6 +15,8 @@ is lazy and guarded: without the extra (or on a machine where it cannot load) ev
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import os
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -23,6 +25,11 @@ import torch
 import torch.nn.functional as F
 
 INSTALL_HINT = "pip install 'mmtrain[fa4]' (flash-attn-4 with nvidia-cutlass-dsl[cu13]; Hopper or Blackwell GPUs)"
+
+# The fa4 extra's pin. mmtrain calls this version's private kernel entry points (their signatures change between
+# betas) and works around its SM90 dQ bug, so another version is refused unless the user opts in.
+TESTED_VERSION = "4.0.0b40"
+ANY_VERSION_ENV = "MMTRAIN_FA4_ANY_VERSION"
 
 # Head dims reach FA4 zero-padded up to a multiple of this (same scores, same output once sliced). FA4 4.0.0b40's
 # backward sizes its float32 dQ accumulator for head dims rounded up to 32 in the interface and its helper kernels
@@ -44,6 +51,9 @@ def fa4_module() -> ModuleType | None:
     global _module, _import_error, _probed
     if not _probed:
         _probed = True
+        _import_error = _version_mismatch()
+        if _import_error is not None:
+            return None
         try:
             import flash_attn.cute.interface as module  # noqa: PLC0415 - optional, heavy: imported on first use only
         except Exception as err:  # noqa: BLE001 - a broken CUDA toolkit flavour raises RuntimeError, not ImportError
@@ -51,6 +61,20 @@ def fa4_module() -> ModuleType | None:
         else:
             _module = module
     return _module
+
+
+def _version_mismatch() -> str | None:
+    """Why the installed flash-attn-4 is not used, or None when it is the tested one (or the user opted in)."""
+    if os.environ.get(ANY_VERSION_ENV, "") not in ("", "0"):
+        return None
+    try:
+        installed = importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        return "flash-attn-4 is not installed"
+    if installed == TESTED_VERSION:
+        return None
+    return (f"flash-attn-4 {installed} is installed, but mmtrain calls private kernels of {TESTED_VERSION} (the fa4 "
+            f"extra's pin): pip install 'flash-attn-4=={TESTED_VERSION}', or set {ANY_VERSION_ENV}=1 to try this one")
 
 
 def fa4_import_error() -> str | None:

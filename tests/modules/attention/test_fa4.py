@@ -2,6 +2,7 @@
 error without the package; on a GPU with the fa4 extra, FA4 itself against float64 attention."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -346,6 +347,56 @@ def test_naming_fa4_without_the_package_is_a_config_error(monkeypatch):
     with pytest.raises(RuntimeError, match="not available"):
         fa4_module.fa4_attention(*qkv(1, s_q=4))
 
+
+
+def _fresh_probe(monkeypatch, installed):
+    """fa4_module() probes again, with importlib reporting ``installed`` as flash-attn-4's version (None: absent)."""
+    def version(name):
+        if installed is None:
+            raise fa4_module.importlib.metadata.PackageNotFoundError(name)
+        assert name == "flash-attn-4"
+        return installed
+
+    monkeypatch.setattr(fa4_module, "_module", None)
+    monkeypatch.setattr(fa4_module, "_probed", False)
+    monkeypatch.setattr(fa4_module, "_import_error", None)
+    monkeypatch.setattr(fa4_module.importlib.metadata, "version", version)
+    monkeypatch.delenv(fa4_module.ANY_VERSION_ENV, raising=False)
+
+
+def test_another_flash_attn_4_version_is_refused_with_the_pin_in_the_error(monkeypatch):
+    _fresh_probe(monkeypatch, "4.0.0b41")
+    assert fa4_module.fa4_module() is None
+    error = fa4_module.fa4_import_error()
+    assert error.startswith("flash-attn-4 4.0.0b41 is installed, but mmtrain calls private kernels of 4.0.0b40")
+    assert "pip install 'flash-attn-4==4.0.0b40'" in error and "MMTRAIN_FA4_ANY_VERSION=1" in error
+    with pytest.raises(ConfigError, match=r"fa4 needs FlashAttention-4.*4\.0\.0b41 is installed"):
+        sdpa_backend_order("fa4")
+    assert not fa4_module.fa4_supported(*qkv(1, s_q=4))
+
+
+def test_the_pinned_version_or_an_opt_in_goes_on_to_the_import(monkeypatch):
+    imported = []
+
+    class Finder:  # stands in for the package: records that the import was reached, then fails it as on CPU
+        def find_spec(self, name, path=None, target=None):
+            if name == "flash_attn":
+                imported.append(name)
+                raise ImportError("no CUDA toolkit here")
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+    for installed, opt_in in (("4.0.0b40", None), ("4.0.0b41", "1"), (None, "1")):
+        _fresh_probe(monkeypatch, installed)
+        if opt_in:
+            monkeypatch.setenv(fa4_module.ANY_VERSION_ENV, opt_in)
+        monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+        assert fa4_module.fa4_module() is None
+        assert fa4_module.fa4_import_error() == "ImportError: no CUDA toolkit here"
+    assert imported == ["flash_attn"] * 3
+    _fresh_probe(monkeypatch, None)
+    assert fa4_module.fa4_module() is None and fa4_module.fa4_import_error() == "flash-attn-4 is not installed"
+    assert imported == ["flash_attn"] * 3  # without the package nothing is imported
 
 needs_fa4 = pytest.mark.skipif(
     not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
