@@ -30,9 +30,11 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch._inductor
 from torch import nn
 
 from mmtrain.bench._timing import measure_variant, step_bench_parser, time_steps
+from mmtrain.errors import ConfigError
 from mmtrain.models.llama3_2_vision._component_builders import llama3_2_vision_encoder
 from mmtrain.modules.attention.multi_head import apply_fused_qkv_setting
 from mmtrain.modules.attention.sdpa_backend import sdpa_backend, sdpa_backend_order
@@ -67,6 +69,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help="comma list: the mmtrain variants run once per SDPA kernel preference (auto = torch's order; "
                         "cudnn/flash/efficient/math first; fa4: FlashAttention-4, with the fa4 extra). Default: auto, "
                         "and fa4 where it loads on a Hopper-or-later GPU")
+    p.add_argument("--inductor-modes", default="default",
+                   help="comma list of torch.compile modes for the compiled variant, each its own variant (e.g. "
+                        "default,max-autotune-no-cudagraphs: Triton GEMM templates with fused epilogues, "
+                        "minutes of autotuning at the start)")
     return p.parse_args(argv)
 
 
@@ -96,11 +102,12 @@ def _checkpoint_layers(model: nn.Module) -> None:
 
 def _run_variant(name: str, build: Callable[[], nn.Module], args: argparse.Namespace, cfg: dict[str, Any],
                  device: torch.device, dtype: torch.dtype, compile_layers: bool, ac: bool,
-                 sdpa: str = "auto", cuda_graph: bool = False) -> dict[str, Any]:
+                 sdpa: str = "auto", cuda_graph: bool = False, inductor_mode: str = "default") -> dict[str, Any]:
     # compile included: a compiled graph keeps the attention kernel chosen while it was traced
     def measure() -> dict[str, Any]:
         with sdpa_backend(sdpa):
-            result = _measure_variant(name, build, args, cfg, device, dtype, compile_layers, ac, cuda_graph)
+            result = _measure_variant(name, build, args, cfg, device, dtype, compile_layers, ac, cuda_graph,
+                                      inductor_mode)
         return {**result, "sdpa_backend": sdpa}
 
     return measure_variant(name, measure, sdpa_backend=sdpa, step_s_median=None, tiles_per_s=None,
@@ -109,8 +116,9 @@ def _run_variant(name: str, build: Callable[[], nn.Module], args: argparse.Names
 
 def _measure_variant(name: str, build: Callable[[], nn.Module], args: argparse.Namespace, cfg: dict[str, Any],
                      device: torch.device, dtype: torch.dtype, compile_layers: bool, ac: bool,
-                     cuda_graph: bool = False) -> dict[str, Any]:
+                     cuda_graph: bool = False, inductor_mode: str = "default") -> dict[str, Any]:
     gc.collect()
+    torch._dynamo.reset()  # a variant compiled in another inductor mode must not be reused from the code cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
     torch.manual_seed(0)
@@ -144,7 +152,7 @@ def _measure_variant(name: str, build: Callable[[], nn.Module], args: argparse.N
         layers = model.layer_modules() if hasattr(model, "layer_modules") else (
             list(model.clip.layers) + list(model.projection.layers))
         for layer in layers:
-            layer.compile()
+            layer.compile(mode=inductor_mode)
     if cuda_graph:
         graphed = GraphedStep(one_step, optimizer)
         step = partial(graphed, batch)
@@ -172,6 +180,7 @@ def _measure_variant(name: str, build: Callable[[], nn.Module], args: argparse.N
         "peak_memory_gib": (peak / 2**30) if peak is not None else None,
         "params": sum(p.numel() for p in model.parameters()),
         "compiled": compile_layers,
+        "inductor_mode": inductor_mode if compile_layers else None,
         "fused_qkv": any(getattr(m, "fused_qkv", False) for m in model.modules()),
         "cuda_graph": cuda_graph,
         "activation_checkpointing": ac,
@@ -224,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     backends = backends or ["auto"]
     for backend in backends:
         sdpa_backend_order(backend)  # an unknown name fails here, before any variant runs
+    inductor_modes = [name.strip() for name in args.inductor_modes.split(",") if name.strip()] or ["default"]
+    unknown = sorted(set(inductor_modes) - set(torch._inductor.list_mode_options()))
+    if unknown:
+        raise ConfigError(f"--inductor-modes: unknown {', '.join(unknown)}; "
+                         f"expected {', '.join(torch._inductor.list_mode_options())}")
     def run_torchtune() -> str | None:
         builder = None if args.no_torchtune else _torchtune_builder(cfg)
         if builder is None:
@@ -245,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(_run_variant(f"mmtrain eager{tag}", ours, args, cfg, device, dtype, compile_layers=False,
                                         ac=False, sdpa=backend))
         if not args.no_compile:
-            results.append(_run_variant(f"mmtrain compiled{tag}", ours, args, cfg, device, dtype,
-                                        compile_layers=True, ac=False, sdpa=backend))
+            for mode in inductor_modes:
+                mode_tag = "" if mode == "default" else f" ({mode})"
+                results.append(_run_variant(f"mmtrain compiled{tag}{mode_tag}", ours, args, cfg, device, dtype,
+                                            compile_layers=True, ac=False, sdpa=backend, inductor_mode=mode))
         if device.type == "cuda" and args.cuda_graph:
             kind = "eager" if args.no_compile else "compiled"
             results.append(_run_variant(f"mmtrain {kind}+graph{tag}", ours, args, cfg, device, dtype,

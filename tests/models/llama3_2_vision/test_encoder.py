@@ -3,9 +3,11 @@ and the benchmark's smoke mode."""
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from mmtrain.errors import ConfigError
 from mmtrain.models.llama3_2_vision._component_builders import (
     llama3_2_vision_11b_encoder,
     llama3_2_vision_encoder,
@@ -94,3 +96,12 @@ def test_bench_smoke(tmp_path):
     assert [r["sdpa_backend"] for r in report["results"]] == ["auto", "cudnn"]
     # both kernels preferences compute the same thing: CPU falls back past cuDNN
     assert report["results"][0]["flops_per_step"] == report["results"][1]["flops_per_step"]
+
+
+def test_bench_rejects_an_unknown_inductor_mode_before_running(tmp_path):
+    from mmtrain.bench.vision_encoder import main
+
+    out = tmp_path / "vision_encoder.json"
+    with pytest.raises(ConfigError, match="--inductor-modes: unknown fastest; expected default"):
+        main(["--smoke", "--inductor-modes", "default,fastest", "--out", str(out)])
+    assert not out.exists()
