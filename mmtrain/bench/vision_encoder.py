@@ -6,13 +6,15 @@ warm-up), counted TFLOP/s (torch.utils.flop_counter over one real step), MFU aga
 and peak memory; torchtune's ``llama3_2_vision_encoder`` runs in the same process when ``import torchtune`` works.
 
     mmtrain bench vision_encoder [--steps 10] [--no-compile] [--cuda-graph] [--ac] [--sdpa-backends auto,fa4]
-                                 [--fused-qkv auto|on|off|both] [--out bench_results/vision_encoder.json]
+                                 [--fused-qkv auto|on|off|both] [--inductor-modes default,max-autotune-no-cudagraphs]
+                                 [--out bench_results/vision_encoder.json]
 
 Each mmtrain variant runs once per ``--sdpa-backends`` entry (named ``... [cudnn]`` for a preference other than
 torch's own order), to measure cuDNN's attention against flash attention on the ~6400-token sequences. With
 ``--cuda-graph`` (CUDA) the compiled (or, with ``--no-compile``, the eager) variant also runs with the whole step
 captured once and replayed as one CUDA graph (``... +graph``; ``mmtrain.training.cuda_graph.GraphedStep``, the
-recipes' ``cuda_graph``); its peak memory is the capture's.
+recipes' ``cuda_graph``); its peak memory is the capture's. The compiled variant runs once per ``--inductor-modes``
+entry (``... (max-autotune-no-cudagraphs)``), each compiled afresh.
     mmtrain bench vision_encoder --smoke      # tiny CPU run (tests use it)
 """
 
@@ -238,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise ConfigError(f"--inductor-modes: unknown {', '.join(unknown)}; "
                          f"expected {', '.join(torch._inductor.list_mode_options())}")
+
     def run_torchtune() -> str | None:
         builder = None if args.no_torchtune else _torchtune_builder(cfg)
         if builder is None:
