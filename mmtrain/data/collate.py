@@ -2,7 +2,8 @@
 
 Input samples: ``tokens`` list[int] (text_seq_len), ``labels`` list[int], ``encoder_input`` with ``images``
 (list of (n_tiles, c, h, w)) and ``aspect_ratio`` (list of (2,)), ``encoder_mask`` (list of bool
-(text_seq_len, n_tiles * tokens_per_tile)), one entry per image.
+(text_seq_len, n_tiles * tokens_per_tile), or max_num_tiles * tokens_per_tile columns when the mask transform padded
+it at inference), one entry per image.
 
 Output:
     tokens: long (bsz, max_seq_len), padded with ``padding_idx``
@@ -42,6 +43,25 @@ def _pad_1d(seqs: list[torch.Tensor], length: int, value: int, left: bool) -> to
 def _vision(sample: dict[str, Any]) -> dict[str, Any]:
     encoder_input = sample["encoder_input"]
     return encoder_input["vision"] if "vision" in encoder_input else encoder_input
+
+
+def _tokens_per_tile(mask: torch.Tensor, n_tiles: int) -> int:
+    """Columns per tile in one image's mask: ``(text_seq_len, n_tiles * tokens_per_tile)``, or, from
+    ``VisionCrossAttentionMask(..., max_num_tiles)`` at inference, ``max_num_tiles * tokens_per_tile`` columns of
+    which those past the image's own tiles are all False.
+
+    A padded mask is recognised by the transform's layout: each row is True over exactly the image's own columns or
+    nowhere, so the last True column ends the image. Any other mask is read as unpadded.
+    """
+    columns = mask.shape[1]
+    mask = mask.bool()
+    attending = mask.any(dim=1)
+    if attending.any():
+        used = int(mask[attending][0].nonzero()[-1]) + 1
+        own_columns_only = bool(mask[attending, :used].all()) and not bool(mask[:, used:].any())
+        if own_columns_only and used < columns and used % n_tiles == 0 and columns % (used // n_tiles) == 0:
+            return used // n_tiles
+    return columns // n_tiles
 
 
 def padded_collate_tiled_images_and_mask(
@@ -109,7 +129,11 @@ def padded_collate_tiled_images_and_mask(
             aspect_ratio[row, j] = torch.as_tensor(vision["aspect_ratio"][j]).reshape(2)
             if with_masks:
                 mask = sample["encoder_mask"][j]
-                tokens_per_tile = mask.shape[1] // img.shape[0]
+                this_image = _tokens_per_tile(mask, img.shape[0])
+                if tokens_per_tile is not None and this_image != tokens_per_tile:
+                    raise ValueError(f"encoder_mask of image {j} in sample {row} has {this_image} columns per tile, "
+                                     f"an earlier one {tokens_per_tile}")
+                tokens_per_tile = this_image
                 sample_masks.append((img.shape[0], mask))
         masks_per_sample.append(sample_masks)
     vision_out = {"images": images, "aspect_ratio": aspect_ratio}

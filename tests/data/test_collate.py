@@ -71,3 +71,54 @@ def test_options_and_errors():
     text_only = padded_collate_tiled_images_and_mask(
         [{"tokens": [1], "labels": [1], "encoder_input": {"images": [], "aspect_ratio": []}}])
     assert set(text_only) == {"tokens", "labels"}
+
+
+def test_masks_padded_at_inference_collate_like_unpadded_ones():
+    # VisionCrossAttentionMask(..., max_num_tiles=4)(sample, inference=True) pads each mask to 4 tiles' columns.
+    own = torch.tensor([[0], [1], [1]]).bool().expand(3, 2 * TPT)
+    padded = torch.cat([own, torch.zeros(3, 2 * TPT, dtype=torch.bool)], dim=1)
+
+    def sample(mask):
+        return {"tokens": [1, 2, 3], "encoder_input": {"images": [torch.ones(2, 1, 1, 1)],
+                                                       "aspect_ratio": [torch.tensor([1, 2])]},
+                "encoder_mask": [mask]}
+
+    plain = padded_collate_tiled_images_and_mask([sample(own)], pad_direction="left")["encoder_mask"]
+    assert plain.shape == (1, 3, 2 * TPT)
+    assert torch.equal(padded_collate_tiled_images_and_mask([sample(padded)], pad_direction="left")["encoder_mask"],
+                       plain)
+    to_four = padded_collate_tiled_images_and_mask([sample(padded)], pad_max_tiles=4)
+    assert to_four["encoder_input"]["images"].shape == (1, 1, 4, 1, 1, 1)
+    assert torch.equal(to_four["encoder_mask"][0], padded)
+    # A mask that is not the transform's block layout is taken as unpadded: 4 tiles' columns over 2 tiles.
+    partial = padded.clone()
+    partial[1, 2 * TPT] = True
+    assert padded_collate_tiled_images_and_mask([sample(partial)])["encoder_mask"].shape == (1, 3, 4 * TPT)
+    with pytest.raises(ValueError, match="image 0 in sample 1 has 10 columns per tile, an earlier one 5"):
+        padded_collate_tiled_images_and_mask([sample(own), sample(partial)])
+
+
+def test_inference_masks_from_the_transform_drive_the_fusion_model():
+    from mmtrain.models.llama3_2_vision import llama3_2_vision_tiny
+    from mmtrain.modules.transforms import VisionCrossAttentionMask
+
+    torch.manual_seed(0)
+    model = llama3_2_vision_tiny(max_num_tiles=4).eval()
+    transform = VisionCrossAttentionMask(tile_size=32, patch_size=8, image_token_id=128, max_num_tiles=4)
+
+    tiles = torch.rand(2, 3, 32, 32)  # a 1x2 canvas: 2 of the model's 4 tiles, 17 tokens each
+
+    def collated(inference):
+        sample = {"tokens": [5, 128, 6, 7], "encoder_input": {"images": [tiles], "aspect_ratio": [torch.tensor([1, 2])]}}
+        sample = transform(sample, inference=inference)
+        assert sample["encoder_mask"][0].shape == (4, (4 if inference else 2) * 17)
+        return padded_collate_tiled_images_and_mask([sample], pad_direction="left")
+
+    logits = []
+    for inference in (False, True):
+        batch = collated(inference)
+        assert batch["encoder_mask"].shape == (1, 4, 2 * 17)
+        with torch.no_grad():
+            logits.append(model(batch["tokens"], encoder_input=batch["encoder_input"],
+                                encoder_mask=batch["encoder_mask"]))
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
