@@ -68,12 +68,13 @@ class Attention(nn.Module):
 
     @classmethod
     def from_config(cls, config: Any) -> Attention:
-        """Build from a config's fields; ``name``/``module`` are dropped, a misspelt argument is an error.
+        """Build from a config's fields; ``name``/``module`` are dropped, a misspelt argument is an error, and a
+        field set to None takes the argument's default (as xFormers, whose config dataclasses default to None).
 
         The fields the multi-head wrapper fills for every mechanism (``SHARED_ARGUMENTS``) are passed on and a
         mechanism that does not use them ignores them through ``**kwargs``.
         """
-        fields = _config_to_dict(config)
+        fields = {key: value for key, value in _config_to_dict(config).items() if value is not None}
         fields.pop("name", None)
         fields.pop("module", None)
         accepted = _named_parameters(cls.__init__)

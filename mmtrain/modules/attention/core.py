@@ -193,6 +193,30 @@ def key_padding_to_additive(key_padding_mask: torch.Tensor, dtype: torch.dtype) 
     return key_padding_mask.to(dtype)
 
 
+def shape_attention_mask(att_mask: torch.Tensor | AttentionMask | None, q: torch.Tensor,
+                         k: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask's values, fitted to the inputs as xFormers fits them.
+
+    - A mask made for longer sequences (``seq_len`` of a model run on shorter inputs) is cropped to
+      ``(S, S)`` when ``S_q == S_k``, as ``AttentionMask.make_crop``.
+    - A ``(batch, S_q, S_k)`` mask on 3-D inputs ``(batch * heads, S, D)`` applies to every head of its batch row:
+      rows of ``q`` are batch-major (``b * heads + h``, as the multi-head wrapper and the key padding mask have them).
+    """
+    if isinstance(att_mask, AttentionMask):
+        att_mask = att_mask.values
+    if att_mask is None:
+        return None
+    s_q, s_k = q.shape[-2], k.shape[-2]
+    if s_q == s_k and att_mask.ndim >= 2 and att_mask.shape[-2] >= s_q and att_mask.shape[-1] >= s_k:
+        att_mask = att_mask[..., :s_q, :s_k]
+    if q.ndim == 3 and att_mask.ndim == 3 and 1 < att_mask.shape[0] < q.shape[0]:
+        if q.shape[0] % att_mask.shape[0]:
+            raise ValueError(f"attention mask of shape {tuple(att_mask.shape)}: batch {att_mask.shape[0]} does not "
+                             f"divide the attention batch {q.shape[0]} (batch * heads)")
+        att_mask = att_mask.repeat_interleave(q.shape[0] // att_mask.shape[0], dim=0)
+    return att_mask
+
+
 def merge_masks(
     att_mask: torch.Tensor | AttentionMask | None,
     key_padding_mask: torch.Tensor | None,
@@ -204,8 +228,7 @@ def merge_masks(
     The key padding mask is shaped by ``shape_key_padding_mask`` (``(batch, S_k)``, ``(batch * heads, 1, S_k)``, or
     anything broadcasting against ``(*batch, 1, S_k)``).
     """
-    if isinstance(att_mask, AttentionMask):
-        att_mask = att_mask.values
+    att_mask = shape_attention_mask(att_mask, q, k)
     if key_padding_mask is None:
         return att_mask
     kpm = shape_key_padding_mask(key_padding_mask, q, k.shape[-2])
@@ -247,22 +270,37 @@ class ScaledDotProduct(Attention):
         self.seq_len = seq_len
         self.to_seq_len = to_seq_len
         self._causal_mask: AttentionMask | None = None
+        self._assigned_mask: AttentionMask | None = None
+        self._mask_assigned = False
 
     @property
     def mask(self) -> AttentionMask | None:
-        """xFormers' prebuilt mask: ``AttentionMask.make_causal(seq_len, to_seq_len)`` when ``causal`` and ``seq_len``
-        are given, else None. Read-only.
+        """xFormers' module mask: ``AttentionMask.make_causal(seq_len, to_seq_len)`` when ``causal`` and ``seq_len``
+        are given, else None, until a mask is assigned.
 
-        Built on first access and kept: forward never reads it (SDPA's ``is_causal``, or an explicit bottom-right band
-        when a mask or ``S_q != S_k`` needs one, computes the causal band without an ``S x S`` tensor), and building it
-        eagerly would cost ``4 S^2`` bytes per layer (1 GiB at 16k tokens) in every model that passes ``seq_len``.
-        It is read-only because forward would ignore an assigned mask; pass ``att_mask`` to forward instead.
+        The causal one is built on first access and kept: forward does not need it (SDPA's ``is_causal``, or an
+        explicit bottom-right band when a mask or ``S_q != S_k`` needs one, computes the causal band without an
+        ``S x S`` tensor), and building it eagerly would cost ``4 S^2`` bytes per layer (1 GiB at 16k tokens) in
+        every model that passes ``seq_len``.
+
+        An assigned mask (an ``AttentionMask``, a bool tensor with True keeping, or an additive float tensor; None
+        clears it) is added to every forward's ``att_mask``, cropped to shorter sequences as xFormers does. With
+        ``causal`` the causal band still applies on top of it.
         """
+        if self._mask_assigned:
+            return self._assigned_mask
         if not (self.causal and self.seq_len):
             return None
         if self._causal_mask is None:
             self._causal_mask = AttentionMask.make_causal(self.seq_len, self.to_seq_len)
         return self._causal_mask
+
+    @mask.setter
+    def mask(self, value: AttentionMask | torch.Tensor | None) -> None:
+        if isinstance(value, torch.Tensor):
+            value = AttentionMask.from_bool(value) if value.dtype == torch.bool else AttentionMask(value)
+        self._assigned_mask = value
+        self._mask_assigned = True
 
     def _fa4_allowed(self) -> bool:
         """Inside ``sdpa_backend("fa4")`` and without attention dropout (FA4 has none)."""
@@ -291,6 +329,10 @@ class ScaledDotProduct(Attention):
         if isinstance(att_mask, AttentionMask):
             # The values already hold the causal band of a causal AttentionMask; use them as they are.
             att_mask = att_mask.values
+        if self._assigned_mask is not None:
+            assigned = shape_attention_mask(self._assigned_mask, q, k)
+            att_mask = assigned if att_mask is None else (
+                key_padding_to_additive(shape_attention_mask(att_mask, q, k), assigned.dtype) + assigned)
         mask = merge_masks(att_mask, key_padding_mask, q, k)
         s_q, s_k = q.shape[-2], k.shape[-2]
         if (mask is None and self._fa4_allowed()

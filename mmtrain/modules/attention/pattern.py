@@ -27,7 +27,12 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mmtrain.modules.attention.base import Attention
-from mmtrain.modules.attention.core import AttentionMask, reject_ignored_masks, shape_key_padding_mask
+from mmtrain.modules.attention.core import (
+    AttentionMask,
+    reject_ignored_masks,
+    shape_attention_mask,
+    shape_key_padding_mask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +91,6 @@ def normalize_key_padding_mask(key_padding_mask: torch.Tensor | None, q: torch.T
     if kpm.dtype != torch.bool:
         kpm = torch.isfinite(kpm) | (kpm > 0)
     return shape_key_padding_mask(kpm, q, s_k, given=tuple(key_padding_mask.shape))
-
-
-def _as_mask_tensor(att_mask: torch.Tensor | AttentionMask | None) -> torch.Tensor | None:
-    if isinstance(att_mask, AttentionMask):
-        return att_mask.values
-    return att_mask
 
 
 def _to_4d(x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +198,7 @@ class PatternAttention(Attention):
         s_q, s_k = q.shape[-2], k.shape[-2]
         keep = self.make_keep(s_q, s_k, q.device)
         kpm = normalize_key_padding_mask(key_padding_mask, q, s_k)
-        mask = _as_mask_tensor(att_mask)
+        mask = shape_attention_mask(att_mask, q, k)
         dropout_active = self.training and self.dropout > 0
         if q.is_cuda and mask is None and kpm is None and not dropout_active:
             out = self.unmasked_cuda_forward(q, k, v)

@@ -1,7 +1,8 @@
 """The gaps an audit found between mmtrain.modules.attention and xFormers' attention page (seed 004).
 
-Positional masks never silently dropped (Nystrom takes key_padding_mask 4th), ``ScaledDotProduct.mask``,
-``utils.maybe_merge_masks``, Nystrom ignoring a wrongly sized key padding mask with a warning, and AttentionMask
+Positional masks never silently dropped (Nystrom takes key_padding_mask 4th), ``ScaledDotProduct.mask`` (built
+and assigned), masks cropped to shorter sequences and ``(batch, S, S)`` masks on ``(batch * heads, S, D)`` inputs,
+config fields set to None, ``utils.maybe_merge_masks``, Nystrom ignoring a wrongly sized key padding mask with a warning, and AttentionMask
 storing 2-D masks as ``(1, S, T)`` with ``seq_len``/``to_seq_len``/``to_bool``. Values against float64 references
 written out here.
 """
@@ -139,12 +140,68 @@ def test_scaled_dot_product_mask_attribute():
     assert ScaledDotProduct(causal=True).mask is None
     assert ScaledDotProduct(seq_len=4).mask is None
     assert build_attention({"name": "scaled_dot_product"}, causal=True, seq_len=3).mask.shape == (1, 3, 3)
-    with pytest.raises(AttributeError):
-        attention.mask = None
     # forward still computes causal attention on its own, at any length
     q, k, v = qkv(B, H)
     causal = torch.ones(S, S, dtype=torch.bool).tril()
     torch.testing.assert_close(ScaledDotProduct(causal=True, seq_len=4)(q, k, v), reference(q, k, v, keep=causal))
+
+
+def test_an_assigned_scaled_dot_product_mask_applies_to_every_forward():
+    q, k, v = qkv(B * H)
+    pattern = torch.rand(S + 2, S + 2, generator=torch.Generator().manual_seed(3)) > 0.4
+    pattern |= torch.eye(S + 2, dtype=torch.bool)  # no empty row
+    keep = pattern[:S, :S]  # made for S + 2 tokens: cropped to the S given, as xFormers' make_crop
+    attention = ScaledDotProduct()
+    attention.mask = pattern
+    assert isinstance(attention.mask, AttentionMask) and attention.mask.shape == (1, S + 2, S + 2)
+    torch.testing.assert_close(attention(q, k, v), reference(q, k, v, keep=keep))
+    given = torch.ones(S, S, dtype=torch.bool).triu()
+    torch.testing.assert_close(attention(q, k, v, att_mask=given), reference(q, k, v, keep=keep & given))
+    additive = torch.randn(S, S, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(attention(q, k, v, att_mask=additive),
+                               reference(q, k, v, keep=keep, additive=additive))
+    causal = ScaledDotProduct(causal=True, seq_len=S)
+    causal.mask = AttentionMask(torch.zeros(S, S).masked_fill(~keep, float("-inf")))
+    torch.testing.assert_close(causal(q, k, v), reference(q, k, v, keep=keep & torch.ones(S, S).bool().tril()))
+    attention.mask = None
+    assert attention.mask is None
+    torch.testing.assert_close(attention(q, k, v), reference(q, k, v))
+
+
+@pytest.mark.parametrize("name", ["scaled_dot_product", "local", "global", "random"])
+def test_a_per_batch_mask_on_batch_times_heads_inputs_covers_each_batch_rows_heads(name):
+    # xFormers' page: "sequence length x sequence length OR batch x sequence length x sequence length"
+    q, k, v = qkv(B * H)
+    per_batch = torch.rand(B, S, S, generator=torch.Generator().manual_seed(5)) > 0.5
+    per_batch |= torch.eye(S, dtype=torch.bool)
+    extra = {"local": {"window_size": 3}, "global": {"attention_query_mask": torch.arange(S) < 1},
+             "random": {"r": 0.5, "constant_masking": True}}.get(name, {})
+    attention = build_attention({"name": name, **extra})
+    pattern = attention.pattern(S, S) if hasattr(attention, "pattern") else torch.ones(S, S, dtype=torch.bool)
+    per_row = per_batch.repeat_interleave(H, dim=0)  # row b * H + h belongs to batch row b
+    expected = reference(q, k, v, keep=per_row & pattern)
+    torch.testing.assert_close(attention(q, k, v, att_mask=per_batch), expected)
+    longer = torch.ones(B, S + 3, S + 3, dtype=torch.bool)
+    longer[:, :S, :S] = per_batch
+    torch.testing.assert_close(attention(q, k, v, att_mask=longer), expected)
+    with pytest.raises(ValueError, match=r"batch 4 does not divide the attention batch 6 \(batch \* heads\)"):
+        attention(q, k, v, att_mask=torch.ones(4, S, S, dtype=torch.bool))
+
+
+def test_config_fields_set_to_none_take_the_defaults():
+    from dataclasses import dataclass
+
+    @dataclass
+    class LocalConfig:  # xFormers' config dataclasses default their optional fields to None
+        name: str = "local"
+        dropout: float | None = None
+        causal: bool | None = None
+        window_size: int | None = None
+
+    assert build_attention(LocalConfig()).window_size == LocalAttention().window_size == 5
+    favor = build_attention({"name": "favor", "dim_head": 4, "feature_map_type": None, "iter_before_redraw": None})
+    assert (favor.feature_map_type, favor.iter_before_redraw) == (
+        FavorAttention(dim_head=4).feature_map_type, FavorAttention(dim_head=4).iter_before_redraw)
 
 
 # -- (8) maybe_merge_masks --------------------------------------------------------------------------------------
