@@ -56,6 +56,9 @@ class VisionCrossAttentionMask:
             last_end = interval[1]
         return intervals
 
+    # torchtune's own name (private there; its docstring examples call it), so ported code keeps working.
+    _get_image_attention_intervals = get_image_attention_intervals
+
     def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
         """sample: ``tokens`` list[int] (len text_seq_len), ``encoder_input.images`` list of (n_tiles, c, h, w).
 

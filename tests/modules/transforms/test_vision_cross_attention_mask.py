@@ -52,3 +52,4 @@ def test_image_attention_intervals_are_public_as_in_torchtune():
     # img1 and img2 both attend to "These are two dogs." (up to img3); img3 to the end
     assert transform.get_image_attention_intervals(TOKENS) == [[0, 6], [1, 6], [6, 11]]
     assert transform.get_image_attention_intervals([1, 2, 3]) == []
+    assert transform._get_image_attention_intervals(TOKENS) == [[0, 6], [1, 6], [6, 11]]  # torchtune's name
