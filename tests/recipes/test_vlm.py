@@ -51,3 +51,16 @@ def test_vlm_finetune_tiny_reaches_answer_accuracy(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in records if "val/answer_acc" in r][-1]["val/answer_acc"] >= 0.8
+
+
+@pytest.mark.parametrize("name", ["scaled_dot_product", "local", "random", "global", "nystrom", "favor",
+                                  "linformer", "orthoformer"])
+def test_every_mechanism_swaps_into_the_fusion_model_from_the_command_line(name, capsys) -> None:
+    from mmtrain.cli.main import main
+
+    status = main(["validate", "vlm_finetune", "--config", "llama3_2_vision_tiny", f"model/attention={name}"])
+    output = capsys.readouterr()
+    if name in ("linformer", "orthoformer"):  # they mix all positions: a causal decoder cannot use them
+        assert status == 2 and "cannot be causal" in output.err
+    else:
+        assert status == 0, output.err

@@ -71,7 +71,8 @@ class RandomAttention(PatternAttention):
 
     @staticmethod
     def _draw_seed() -> int:
-        return int(torch.randint(0, 2**31 - 1, (1,)).item())
+        # Drawn on the CPU (torch's global generator) even under a meta default device, as `mmtrain validate` builds.
+        return int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
 
     def make_keep(self, s_q: int, s_k: int, device: torch.device) -> KeepFn:
         if not self.constant_masking and self.training:
