@@ -5,6 +5,11 @@ KV cache, and cross-attention reads keys/values of the encoder output that were 
 runs once per prompt). ``use_cache=False`` recomputes the whole sequence each step (the reference the cached path
 is tested against).
 
+A decoder whose causal self-attention cannot take an attention mask (``model/attention=favor`` or ``nystrom``: they
+are causal by themselves but mask nothing else) cannot skip left padding or unfilled cache slots. Such a model
+decodes one row at a time, its padding stripped, recomputing the sequence each step with no mask: the same tokens
+the masked path would give, slower.
+
 Shapes:
     prompt: long (b, s), left-padded with ``pad_id`` (prompts of different lengths end at the same column)
     encoder_input: dict for ``model.encoder`` (e.g. images (b, i, t, 3, H, W), aspect_ratio (b, i, 2)) or None
@@ -33,6 +38,42 @@ def causal_mask_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(s, s, dtype=torch.bool, device=padding_mask.device).tril()
     mask = causal[None] & padding_mask[:, None, :]
     return mask | torch.eye(s, dtype=torch.bool, device=padding_mask.device)[None]
+
+
+def _self_attention_takes_masks(model: nn.Module) -> bool:
+    from mmtrain.modules.attention.multi_head import MultiHeadAttention  # noqa: PLC0415 - keeps this module light
+
+    return all(m.attention.supports_attention_mask for m in model.modules()
+               if isinstance(m, MultiHeadAttention) and m.is_causal)
+
+
+def _row(value: Any, row: int) -> Any:
+    """Row ``row`` (kept as a batch of one) of a tensor or of every tensor in a (nested) dict."""
+    if isinstance(value, dict):
+        return {key: _row(item, row) for key, item in value.items()}
+    return value[row : row + 1] if isinstance(value, torch.Tensor) else value
+
+
+def _generate_row_by_row(model: nn.Module, prompt: torch.Tensor, pad_id: int, encoder_input: dict[str, Any] | None,
+                         encoder_mask: torch.Tensor | None, **kwargs: Any) -> torch.Tensor:
+    rows, paddings = [], []
+    for row in range(prompt.shape[0]):
+        padding = _left_padding(prompt[row], pad_id)
+        paddings.append(padding)
+        rows.append(_greedy(
+            model, prompt[row : row + 1, padding:], pad_id=pad_id, encoder_input=_row(encoder_input, row),
+            encoder_mask=None if encoder_mask is None else encoder_mask[row : row + 1, padding:],
+            use_cache=False, masked=False, **kwargs,
+        )[0])
+    width = max(padding + len(tokens) for padding, tokens in zip(paddings, rows))
+    out = torch.full((prompt.shape[0], width), pad_id, dtype=prompt.dtype, device=prompt.device)
+    for row, (padding, tokens) in enumerate(zip(paddings, rows)):
+        out[row, padding : padding + len(tokens)] = tokens
+    return out
+
+
+def _left_padding(prompt_row: torch.Tensor, pad_id: int) -> int:
+    return int((prompt_row == pad_id).long().cumprod(dim=0).sum())
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
@@ -76,6 +117,30 @@ def generate(
     """
     if prompt.ndim != 2:
         raise ValueError(f"prompt must be (batch, seq_len), got shape {tuple(prompt.shape)}")
+    options = dict(max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, stop_early=stop_early,
+                   cache_dtype=cache_dtype)
+    if not _self_attention_takes_masks(model):
+        return _generate_row_by_row(model, prompt, pad_id, encoder_input, encoder_mask, **options)
+    return _greedy(model, prompt, pad_id=pad_id, encoder_input=encoder_input, encoder_mask=encoder_mask,
+                   use_cache=use_cache, masked=True, **options)
+
+
+def _greedy(
+    model: nn.Module,
+    prompt: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    stop_tokens: Sequence[int] | None,
+    encoder_input: dict[str, Any] | None,
+    encoder_mask: torch.Tensor | None,
+    use_cache: bool,
+    stop_early: bool,
+    cache_dtype: torch.dtype | None,
+    masked: bool,
+) -> torch.Tensor:
+    """``generate``'s loop; ``masked=False``: an unpadded prompt, no attention mask (the model's causal attention
+    alone), no cache."""
     b, s = prompt.shape
     device = prompt.device
     total = s + max_new_tokens
@@ -83,7 +148,7 @@ def generate(
 
     padding = prompt != pad_id
     full_padding = torch.cat([padding, torch.ones(b, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
-    mask = causal_mask_from_padding(full_padding)  # (b, total, total)
+    mask = causal_mask_from_padding(full_padding) if masked else None  # (b, total, total)
     positions = (full_padding.long().cumsum(dim=1) - 1).clamp(min=0)  # left padding shifts positions right
     last_encoder_row = encoder_mask[:, -1:] if encoder_mask is not None else None
 
@@ -98,8 +163,8 @@ def generate(
             logits = model(prompt, mask=mask[:, :s, :s], encoder_input=encoder_input, encoder_mask=encoder_mask,
                            input_pos=positions[:, :s])
         else:
-            logits = model(prompt, mask=mask[:, :s, :s], encoder_input=encoder_input, encoder_mask=encoder_mask,
-                           input_pos=positions[:, :s])
+            logits = model(prompt, mask=None if mask is None else mask[:, :s, :s], encoder_input=encoder_input,
+                           encoder_mask=encoder_mask, input_pos=positions[:, :s])
         for step in range(max_new_tokens):
             next_token = logits[:, -1].argmax(dim=-1)
             next_token = torch.where(done, torch.full_like(next_token, pad_id), next_token)
@@ -116,8 +181,8 @@ def generate(
                 rows = None
                 if encoder_mask is not None:
                     rows = torch.cat([encoder_mask, last_encoder_row.expand(-1, cur + 1 - s, -1)], dim=1)
-                logits = model(tokens, mask=mask[:, : cur + 1, : cur + 1], encoder_input=encoder_input,
-                               encoder_mask=rows, input_pos=positions[:, : cur + 1])
+                logits = model(tokens, mask=None if mask is None else mask[:, : cur + 1, : cur + 1],
+                               encoder_input=encoder_input, encoder_mask=rows, input_pos=positions[:, : cur + 1])
     finally:
         if use_cache and hasattr(model, "delete_caches"):
             model.delete_caches()

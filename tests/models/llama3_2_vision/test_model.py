@@ -92,3 +92,32 @@ def test_generation_with_kv_cache_equals_full_recompute() -> None:
     assert cached.shape == (4, batch["tokens"].shape[1] + 6)
     assert torch.equal(cached, full)
     assert not model.caches_are_setup()  # caches removed: training can continue
+
+
+def test_generation_with_a_mechanism_that_takes_no_mask_decodes_each_row_unpadded() -> None:
+    # Favor and Nystrom are causal by themselves but take no attention mask: left padding cannot be masked out.
+    from mmtrain.data.vqa import ShapesVQA, VQATokenizer
+
+    torch.manual_seed(0)
+    model = llama3_2_vision_tiny(attention={"name": "favor", "dim_features": 16}).eval()
+    tokenizer = VQATokenizer()
+    ds = ShapesVQA("validation", 3, tokenizer)
+    prompts = [ds.prompt_sample(i)[0] for i in range(3)]
+    prompts[1]["tokens"] = prompts[1]["tokens"][:1] + prompts[1]["tokens"][3:]  # a shorter prompt: left padding
+    prompts[1]["encoder_mask"] = [m[2:] for m in prompts[1]["encoder_mask"]]
+    batch = padded_collate_tiled_images_and_mask(prompts, pad_direction="left")
+    assert (batch["tokens"][1, :2] == 0).all()
+    out = generate(model, batch["tokens"], max_new_tokens=4, pad_id=0, encoder_input=batch["encoder_input"],
+                   encoder_mask=batch["encoder_mask"], stop_early=False)
+    assert out.shape == (3, batch["tokens"].shape[1] + 4)
+    with torch.no_grad():
+        for row, sample in enumerate(prompts):  # plain greedy decoding of the unpadded prompt, no mask, no cache
+            padding = batch["tokens"].shape[1] - len(sample["tokens"])
+            tokens = batch["tokens"][row : row + 1, padding:]
+            images = {key: value[row : row + 1] for key, value in batch["encoder_input"].items()}
+            encoder_mask = batch["encoder_mask"][row : row + 1, padding:]
+            for _ in range(4):
+                logits = model(tokens, encoder_input=images, encoder_mask=encoder_mask)
+                tokens = torch.cat([tokens, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+                encoder_mask = torch.cat([encoder_mask, encoder_mask[:, -1:]], dim=1)
+            assert torch.equal(out[row, padding:], tokens[0]) and (out[row, :padding] == 0).all()
