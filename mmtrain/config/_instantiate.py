@@ -86,6 +86,15 @@ def locate(path: str):
     raise LookupError(f"no module named '{parts[0]}'")
 
 
+def _call_failed(fn, error: BaseException) -> str:
+    """``calling NAME failed: Error: cause; signature: NAME(a, b=1)`` (the defaults shown are the signature's, not the
+    values the config passed)."""
+    if isinstance(fn, str):
+        return f"calling {fn} failed: {type(error).__name__}: {one_line(error)}"
+    name = getattr(fn, "__module__", "") + "." + getattr(fn, "__qualname__", str(fn))
+    return f"calling {name} failed: {type(error).__name__}: {one_line(error)}; signature: {_signature_text(fn)}"
+
+
 def _signature_text(fn) -> str:
     """``Name(a, b=1, *, c=None)``: the builder's signature without annotations, to fit on one line."""
     name = getattr(fn, "__module__", "") + "." + getattr(fn, "__qualname__", str(fn))
@@ -220,9 +229,7 @@ class ConfiguredPartial(functools.partial):
         except UserError:
             raise
         except BUILDER_ERRORS as e:
-            raise KeyedConfigError(self.config_where, self.config_key,
-                                   f"calling {_signature_text(self.func)} failed: {type(e).__name__}: {one_line(e)}"
-                                   ) from e
+            raise KeyedConfigError(self.config_where, self.config_key, _call_failed(self.func, e)) from e
 
 
 def _as_config(node):
@@ -260,11 +267,10 @@ def instantiate(node, *args, allow_any_target: bool | None = None, **kwargs):
         if isinstance(cause, UserError):
             raise cause  # noqa: B904
         if isinstance(cause, BUILDER_ERRORS):
-            fn_text = target.group(1) if target else "the target"
+            fn = target.group(1) if target else "the target"
             with contextlib.suppress(LookupError, ImportError):
-                fn_text = _signature_text(locate(fn_text))
-            raise KeyedConfigError(where, key, f"calling {fn_text} failed: {type(cause).__name__}: "
-                                               f"{one_line(cause)}") from cause
+                fn = locate(fn)
+            raise KeyedConfigError(where, key, _call_failed(fn, cause)) from cause
         if cause is not None:
             raise cause  # noqa: B904
         raise KeyedConfigError(where, key, one_line(e)) from e
