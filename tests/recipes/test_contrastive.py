@@ -338,3 +338,29 @@ def test_fused_qkv_trains_like_separate_projections(tmp_path):
         assert math.isclose(losses[True][step], loss, rel_tol=1e-5), step
     with pytest.raises(ConfigError, match="fused_qkv: expected auto, true or false, got 'always'"):
         recipe.main(tiny_cfg(tmp_path / "bad", fused_qkv="always"))
+
+
+@pytest.mark.parametrize("name", ["scaled_dot_product", "local", "random", "global", "nystrom", "favor",
+                                  "linformer", "orthoformer"])
+def test_every_mechanism_swaps_into_the_clip_config_from_the_command_line(name, capsys):
+    from mmtrain.cli.main import main
+
+    status = main(["validate", "contrastive", "--config", "clip_tiny", f"model/attention={name}"])
+    output = capsys.readouterr()
+    if name in ("linformer", "orthoformer"):  # CLIP's text tower is causal; these mix all positions
+        assert status == 2 and "cannot be causal" in output.err
+    else:
+        assert status == 0, output.err
+
+
+def test_clip_tiny_config_trains_a_few_steps(tmp_path):
+    from mmtrain.cli.main import main
+
+    out = tmp_path / "clip"
+    assert main(["run", "contrastive", "--config", "clip_tiny", f"output_dir={out}", "max_steps=3",
+                 "dataset.train_samples=64", "dataset.validation_samples=32", "eval.every_n_steps=3",
+                 "model/attention=local", "log.every_n_steps=1"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert any("val/zero_shot_acc" in r for r in records)
