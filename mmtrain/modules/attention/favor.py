@@ -109,8 +109,10 @@ class FavorAttention(Attention):
         self.dim_features = int(dim_features)
         self.iter_before_redraw = None if iter_before_redraw is None else int(iter_before_redraw)
         self.normalize_inputs = bool(normalize_inputs)
+        # The map redraws on FavorAttention's schedule (training calls only), not on its own call count.
         self.feature_map = FEATURE_MAPS[self.feature_map_type](
-            None if dim_head is None else int(dim_head), self.dim_features, self.normalize_inputs
+            self.dim_features, normalize_inputs=self.normalize_inputs,
+            dim_input=None if dim_head is None else int(dim_head),
         )
         self._calls_since_redraw = 0
 

@@ -10,6 +10,12 @@ its input by ``D ** -0.25`` (so the kernel is the one of scaled dot-product atte
 
 ``normalize_inputs`` also subtracts, per sequence, the largest ``|x|^2`` (a constant that cancels in attention's
 normalisation and keeps ``exp`` in range). Features are drawn from torch's RNG; ``redraw()`` draws new ones.
+
+Constructor arguments as xFormers' ``SoftMaxPositiveEstimators``: ``(dim_features, iter_before_redraw=None,
+normalize_inputs=False, epsilon=1e-6, softmax_temp=-1)``; ``softmax_temp`` replaces the ``D ** -0.25`` input scale
+when positive, ``epsilon`` is added inside the exponential (it cancels in attention), and with
+``iter_before_redraw`` the map draws new features after that many calls. ``dim_input`` (keyword) draws the features
+at construction instead of at the first call.
 """
 
 from __future__ import annotations
@@ -43,13 +49,20 @@ class SoftMaxPositiveEstimator(nn.Module):
 
     hyperbolic: bool = True
 
-    def __init__(self, dim_input: int | None, dim_features: int, normalize_inputs: bool = False) -> None:
+    def __init__(self, dim_features: int, iter_before_redraw: int | None = None, normalize_inputs: bool = False,
+                 epsilon: float = 1e-6, softmax_temp: float = -1, *, dim_input: int | None = None) -> None:
         super().__init__()
         if self.hyperbolic and dim_features % 2 != 0:
             raise ValueError(f"dim_features must be even for {type(self).__name__}, got {dim_features}")
+        if iter_before_redraw is not None and int(iter_before_redraw) < 1:
+            raise ValueError(f"iter_before_redraw must be >= 1 or None, got {iter_before_redraw}")
         self.dim_features = dim_features
+        self.iter_before_redraw = None if iter_before_redraw is None else int(iter_before_redraw)
         self.normalize_inputs = normalize_inputs
+        self.epsilon = float(epsilon)
+        self.softmax_temp = float(softmax_temp)
         self.log_scale = math.log(math.sqrt(dim_features))
+        self._calls_since_redraw = 0
         self.register_buffer("features", None)
         if dim_input is not None:
             self.redraw(dim_input)
@@ -70,11 +83,14 @@ class SoftMaxPositiveEstimator(nn.Module):
         self.features = self.draw(dim_input, device).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.features is None or self.features.shape[0] != x.shape[-1]:
+        due = self.iter_before_redraw is not None and self._calls_since_redraw >= self.iter_before_redraw
+        if due or self.features is None or self.features.shape[0] != x.shape[-1]:
             self.redraw(x.shape[-1], x.device)
-        x = x * (x.shape[-1] ** -0.25)
+            self._calls_since_redraw = 0
+        self._calls_since_redraw += 1
+        x = x * (self.softmax_temp if self.softmax_temp > 0 else x.shape[-1] ** -0.25)
         projected = x @ self.features.to(x.dtype)
-        offset = -0.5 * (x * x).sum(dim=-1, keepdim=True) - self.log_scale
+        offset = -0.5 * (x * x).sum(dim=-1, keepdim=True) - self.log_scale + self.epsilon
         if self.normalize_inputs:
             offset = offset - (x * x).sum(dim=-1, keepdim=True).amax(dim=-2, keepdim=True)
         if self.hyperbolic:

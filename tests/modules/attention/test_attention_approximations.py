@@ -301,7 +301,7 @@ def test_orthogonal_features_are_unbiased():
     from mmtrain.modules.attention.feature_maps import SMOrf
 
     torch.manual_seed(0)
-    features = SMOrf(8, 16384).features.double()
+    features = SMOrf(16384, dim_input=8).features.double()
     assert abs(features.mean().item()) < 0.02
     torch.testing.assert_close(features.pow(2).mean(), torch.tensor(1.0, dtype=torch.float64), atol=0.03, rtol=0)
     block = features[:, :8]
@@ -414,3 +414,32 @@ def test_gradients_match_finite_differences(mechanism):
     attention = attention.double().eval()
     q, k, v = (t.requires_grad_() for t in qkv(2, s=7, d=4))
     assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v), (q, k, v))
+
+
+def test_feature_maps_take_xformers_constructor_arguments():
+    from mmtrain.modules.attention.feature_maps import SMHyperbolic, SMOrf, SMReg
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    for cls in (SMOrf, SMHyperbolic, SMReg):
+        # xFormers' order: dim_features, iter_before_redraw, normalize_inputs, epsilon, softmax_temp
+        feature_map = cls(16, 2, False, 1e-3, 0.5)
+        out = feature_map(x)
+        w = feature_map.features.double()
+        xs = x * 0.5
+        exponent = -0.5 * (xs * xs).sum(-1, keepdim=True) - math.log(math.sqrt(16)) + 1e-3
+        projected = xs @ w
+        if cls is not SMOrf:
+            projected = torch.cat([projected, -projected], dim=-1)
+        torch.testing.assert_close(out, torch.exp(projected + exponent))
+        first = feature_map.features.clone()
+        feature_map(x)
+        assert torch.equal(feature_map.features, first)  # 2 calls on one draw
+        feature_map(x)
+        assert not torch.equal(feature_map.features, first)  # the third call redraws
+    default = SMOrf(16, dim_input=8)
+    xs = x * 8 ** -0.25  # softmax_temp=-1: the D ** -0.25 of scaled dot-product attention
+    exponent = -0.5 * (xs * xs).sum(-1, keepdim=True) - math.log(4.0) + 1e-6
+    torch.testing.assert_close(default(x), torch.exp(xs @ default.features.double() + exponent))
+    with pytest.raises(ValueError, match="iter_before_redraw must be >= 1"):
+        SMOrf(16, 0)
