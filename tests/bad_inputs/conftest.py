@@ -18,10 +18,9 @@ TINY_CONTRASTIVE = [
     "dataset.image_size=16", "model.image_size=16", "eval.batch_size=16", "eval.every_n_steps=100",
     "log.every_n_steps=1", "checkpoint.every_n_steps=100",
 ]
-# The same with a local image folder instead of the generated shapes (align_tiny sets shapes-only keys).
+# The same with a local image folder instead of the generated shapes, swapped in as the README shows.
 IMAGE_FOLDER = [
-    "device=cpu", "max_steps=2", "batch_size=4", "dataset=image_folder", "~dataset.train_samples",
-    "~dataset.validation_samples", "dataset.image_size=16", "model.image_size=16", "eval.batch_size=16",
+    "device=cpu", "max_steps=2", "batch_size=4", "dataset=image_folder", "dataset.image_size=16", "model.image_size=16", "eval.batch_size=16",
     "eval.every_n_steps=100", "log.every_n_steps=1", "checkpoint.every_n_steps=100",
     "dataset.validation_fraction=0.25",
 ]

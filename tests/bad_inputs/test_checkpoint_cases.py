@@ -153,7 +153,7 @@ def test_fresh_processes_print_one_line_and_no_traceback(tmp_path, trained):
     commands = {
         "yaml": ["run", "contrastive", "--config", str(bad_yaml)],
         "data": ["run", "contrastive", "--config", "align_tiny", f"output_dir={tmp_path / 'o'}", "dataset=image_folder",
-                 "~dataset.train_samples", "~dataset.validation_samples", f"dataset.path={tmp_path / 'nowhere'}",
+                 f"dataset.path={tmp_path / 'nowhere'}",
                  "device=cpu"],
         "pickle": ["run", "contrastive", "--config", "align_tiny", f"output_dir={run}", f"resume={newest}", *RUN],
     }

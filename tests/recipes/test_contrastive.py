@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from mmtrain.training.nonfinite import NonFiniteLossError
@@ -364,3 +365,19 @@ def test_clip_tiny_config_trains_a_few_steps(tmp_path):
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     assert any("val/zero_shot_acc" in r for r in records)
+
+
+@pytest.mark.parametrize("config", ["align_tiny", "align_minilm", "clip_tiny", "align_base", "clip_vit_b16"])
+def test_the_readmes_overrides_apply_as_written(config, capsys):
+    from mmtrain.cli.main import main
+
+    for overrides in (["compile=regional"], ["compile=whole"], ["compile=false"],
+                      ["distributed.find_unused_parameters=true", "distributed.reduce_dtype=bf16",
+                       "distributed.reshard_after_forward=false"]):
+        assert main(["print", "contrastive", "--config", config, *overrides]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+    # `dataset=image_folder dataset.path=DIR` replaces the shapes data whole: no shapes-only key is left behind.
+    assert main(["print", "contrastive", "--config", config, "dataset=image_folder", "dataset.path=/data"]) == 0
+    dataset = yaml.safe_load(capsys.readouterr().out)["dataset"]
+    assert dataset["_target_"].endswith("image_folder_dataset")
+    assert not {"train_samples", "validation_samples"} & set(dataset)
