@@ -28,6 +28,16 @@ def test_vlm_finetune_few_steps_then_generate(tmp_path) -> None:
     assert len(accs) == 1 and 0.0 <= accs[0] <= 1.0
     assert "summary: 3 steps" in result.stdout
     assert (out / "checkpoints" / "step_00000003").is_dir()
+    # The exported weights load, key for key, into a fresh model built from the exported config.
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from mmtrain.config import instantiate
+
+    exported = load_file(out / "model" / "model.safetensors")
+    fresh = instantiate(OmegaConf.load(out / "model" / "config.yaml").model)
+    fresh.load_state_dict(exported, strict=True)
+    assert "decoder.tok_embeddings.weight" in exported  # torchtune's key names
 
     gen = _run(["vlm_generate", "--config", "llama3_2_vision_tiny", f"checkpoint={out}",
                 "image=shapes:validation:1", "prompt=what colour is the circle?"])
