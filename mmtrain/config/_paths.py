@@ -135,8 +135,15 @@ def resolve_config(recipe: str | os.PathLike, config: str | os.PathLike) -> Path
             return candidate
     known_recipe = (builtin_recipes_dir() / f"{recipe_name}.py").is_file() or (root / recipe_name).is_dir()
     if recipe_is_file and not known_recipe:
+        # A recipe copied with `mmtrain cp contrastive my_recipe.py` keeps using its original's configs by name,
+        # as long as the name belongs to one built-in recipe only.
+        owners = sorted(p.parent for p in root.glob(f"*/{text}.yaml") if p.parent.name in builtin_recipe_names())
+        if len(owners) == 1:
+            return owners[0] / f"{text}.yaml"
+        also = f"; it is a config of {', '.join(p.name for p in owners)}: give its path" if owners else ""
         raise ConfigError(f"config '{text}' not found: recipe file '{os.fspath(recipe)}' has no built-in configs "
-                          f"(configs/{recipe_name}/) and there is no configs/{text}.yaml; give a path to a .yaml file")
+                          f"(configs/{recipe_name}/) and there is no configs/{text}.yaml{also}; give a path to a "
+                          f".yaml file")
     if not known_recipe:
         names = builtin_recipe_names()
         raise ConfigError(f"unknown recipe '{recipe_name}'{suggest(recipe_name, names)}: no built-in configs "

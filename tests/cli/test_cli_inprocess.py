@@ -6,6 +6,7 @@ Every user mistake: exit status 2, exactly one line on stderr starting with ``er
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -91,6 +92,20 @@ def test_cp_recipe_and_unique_config_name(builtin_tree, tmp_path, capsys):
     (builtin_tree.configs / "toy" / "toy.yaml").rename(builtin_tree.configs / "toy" / "base.yaml")
     assert main(["cp", "toy", str(tmp_path / "my_recipe.py")]) == 0
     assert (tmp_path / "my_recipe.py").read_text() == (builtin_tree.recipes / "toy.py").read_text()
+
+
+def test_a_copied_recipe_keeps_its_originals_configs_by_name(builtin_tree, tmp_path, capsys):
+    # The README: `mmtrain cp contrastive my_recipe.py`, then `mmtrain run ./my_recipe.py --config align_tiny`.
+    (tmp_path / "my_recipe.py").write_text((builtin_tree.recipes / "toy.py").read_text())  # what cp writes
+    out = tmp_path / "out"
+    assert main(["print", str(tmp_path / "my_recipe.py"), "--config", "toy", f"output_dir={out}"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["output_dir"] == str(out)
+    # A name two recipes share is ambiguous: the error names both.
+    (builtin_tree.recipes / "other.py").write_text((builtin_tree.recipes / "toy.py").read_text())
+    (builtin_tree.configs / "other").mkdir()
+    shutil.copy(builtin_tree.configs / "toy" / "toy.yaml", builtin_tree.configs / "other" / "toy.yaml")
+    assert main(["print", str(tmp_path / "my_recipe.py"), "--config", "toy"]) == 2
+    assert "it is a config of other, toy: give its path" in _error_line(capsys)
 
 
 def test_bench_lists_modules_on_unknown_name(capsys):
