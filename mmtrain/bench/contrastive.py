@@ -217,8 +217,6 @@ def _end_to_end(name: str, args: argparse.Namespace, device: torch.device, data:
         if args.smoke:
             overrides += ["model=clip_tiny", "model.vocab_size=30522", f"model.image_size={args.image_size}",
                           "compile=false", "distributed.strategy=none", "eval.batch_size=8"]
-        # The config sets keys only the shapes dataset has; drop them for the image folder (Hydra '~' deletion).
-        overrides += ["~dataset.train_samples", "~dataset.validation_samples"]
         # Throughput does not depend on the vocabulary: the built-in word-level tokenizer at CLIP's 77-token
         # context avoids needing the MiniLM package on the GPU machine.
         overrides += ["tokenizer=shapes", f"tokenizer.max_length={16 if args.smoke else 77}"]
