@@ -13,8 +13,9 @@ eval.{every_n_steps,batch_size,max_new_tokens,max_samples}, log.{every_n_steps,w
 nonfinite.{policy,max_consecutive} (a NaN/inf loss or gradient norm: skip the step, or stop after that many in a
 row), tokenizer, dataset, model, optimizer, lr_scheduler.
 
-At the end the consolidated weights are exported to ``output_dir/model/`` (``model.safetensors`` with torchtune's key
-names, and the run's ``config.yaml``), as the contrastive recipe does. On a GPU the model is built on the device. Under FSDP2 with bf16 on several GPUs, frozen weights are stored in bf16.
+With ``export`` (default true) the consolidated weights are written to ``output_dir/model/`` at the end
+(``model.safetensors`` with torchtune's key names, and the run's ``config.yaml``), as the contrastive recipe does.
+On a GPU the model is built on the device. Under FSDP2 with bf16 on several GPUs, frozen weights are stored in bf16.
 The log's step_s, samples_per_s and peak_mem_gib cover the training steps since the previous log line.
 """
 
@@ -361,12 +362,12 @@ def main(cfg: DictConfig) -> dict:
     if ckpt_every and max_steps > start_step and not guard.consecutive:
         ckpt.save(max_steps, model, optimizer, scheduler, guard.state_dict())
     # Consolidated weights (torchtune's key names) + the run config; collective under FSDP, rank 0 writes.
-    export_dir = export_model(inner, Path(output_dir) / "model", cfg)
+    export_dir = export_model(inner, Path(output_dir) / "model", cfg) if cfg.get("export", True) else None
     logger.close()
     summary = {"steps": max_steps, "loss": last_loss, **last_eval, "nonfinite_steps": guard.skipped,
                "parameters": total_params,
                "trainable_parameters": trainable_params, "time_s": round(time.perf_counter() - t_start, 1),
-               "output_dir": output_dir, "export_dir": str(export_dir)}
+               "output_dir": output_dir, "export_dir": export_dir and str(export_dir)}
     peak = ""
     if device.type == "cuda":
         summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

@@ -74,3 +74,12 @@ def test_every_mechanism_swaps_into_the_fusion_model_from_the_command_line(name,
         assert status == 2 and "cannot be causal" in output.err
     else:
         assert status == 0, output.err
+
+
+def test_export_false_writes_no_model_folder(tmp_path) -> None:
+    from mmtrain.cli.main import main
+
+    out = tmp_path / "run"
+    assert main(["run", "vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={out}", "max_steps=1",
+                 "export=false", "checkpoint.every_n_steps=0", *TINY]) == 0
+    assert (out / "metrics.jsonl").is_file() and not (out / "model").exists()
