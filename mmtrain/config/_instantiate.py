@@ -91,13 +91,17 @@ def _call_failed(fn, error: BaseException) -> str:
     values the config passed)."""
     if isinstance(fn, str):
         return f"calling {fn} failed: {type(error).__name__}: {one_line(error)}"
-    name = getattr(fn, "__module__", "") + "." + getattr(fn, "__qualname__", str(fn))
-    return f"calling {name} failed: {type(error).__name__}: {one_line(error)}; signature: {_signature_text(fn)}"
+    return (f"calling {_qualified_name(fn)} failed: {type(error).__name__}: {one_line(error)}; "
+            f"signature: {_signature_text(fn)}")
+
+
+def _qualified_name(fn) -> str:
+    return getattr(fn, "__module__", "") + "." + getattr(fn, "__qualname__", str(fn))
 
 
 def _signature_text(fn) -> str:
     """``Name(a, b=1, *, c=None)``: the builder's signature without annotations, to fit on one line."""
-    name = getattr(fn, "__module__", "") + "." + getattr(fn, "__qualname__", str(fn))
+    name = _qualified_name(fn)
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
