@@ -83,11 +83,13 @@ class SoftMaxPositiveEstimator(nn.Module):
         self.features = self.draw(dim_input, device).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        due = self.iter_before_redraw is not None and self._calls_since_redraw >= self.iter_before_redraw
-        if due or self.features is None or self.features.shape[0] != x.shape[-1]:
+        if self.features is None or self.features.shape[0] != x.shape[-1]:
             self.redraw(x.shape[-1], x.device)
-            self._calls_since_redraw = 0
-        self._calls_since_redraw += 1
+        if self.iter_before_redraw is not None:  # counted only then: a changing int would recompile a compiled caller
+            if self._calls_since_redraw >= self.iter_before_redraw:
+                self.redraw(x.shape[-1], x.device)
+                self._calls_since_redraw = 0
+            self._calls_since_redraw += 1
         x = x * (self.softmax_temp if self.softmax_temp > 0 else x.shape[-1] ** -0.25)
         projected = x @ self.features.to(x.dtype)
         offset = -0.5 * (x * x).sum(dim=-1, keepdim=True) - self.log_scale + self.epsilon
