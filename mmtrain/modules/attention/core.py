@@ -218,17 +218,16 @@ def shape_attention_mask(att_mask: torch.Tensor | AttentionMask | None, q: torch
 
 
 def merge_masks(
-    att_mask: torch.Tensor | AttentionMask | None,
+    att_mask: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
     q: torch.Tensor,
     k: torch.Tensor,
 ) -> torch.Tensor | None:
     """One mask (bool or additive) that broadcasts against ``(*batch, S_q, S_k)``, or None.
 
-    The key padding mask is shaped by ``shape_key_padding_mask`` (``(batch, S_k)``, ``(batch * heads, 1, S_k)``, or
-    anything broadcasting against ``(*batch, 1, S_k)``).
+    ``att_mask`` as ``shape_attention_mask`` returns it. The key padding mask is shaped by ``shape_key_padding_mask``
+    (``(batch, S_k)``, ``(batch * heads, 1, S_k)``, or anything broadcasting against ``(*batch, 1, S_k)``).
     """
-    att_mask = shape_attention_mask(att_mask, q, k)
     if key_padding_mask is None:
         return att_mask
     kpm = shape_key_padding_mask(key_padding_mask, q, k.shape[-2])
@@ -326,13 +325,11 @@ class ScaledDotProduct(Attention):
     ) -> torch.Tensor:
         reject_ignored_masks(self, "att_mask", args, kwargs)
         is_causal = self.causal
-        if isinstance(att_mask, AttentionMask):
-            # The values already hold the causal band of a causal AttentionMask; use them as they are.
-            att_mask = att_mask.values
+        # An AttentionMask's values already hold the causal band of a causal one; they are used as they are.
+        att_mask = shape_attention_mask(att_mask, q, k)
         if self._assigned_mask is not None:
             assigned = shape_attention_mask(self._assigned_mask, q, k)
-            att_mask = assigned if att_mask is None else (
-                key_padding_to_additive(shape_attention_mask(att_mask, q, k), assigned.dtype) + assigned)
+            att_mask = assigned if att_mask is None else key_padding_to_additive(att_mask, assigned.dtype) + assigned
         mask = merge_masks(att_mask, key_padding_mask, q, k)
         s_q, s_k = q.shape[-2], k.shape[-2]
         if (mask is None and self._fa4_allowed()
