@@ -70,7 +70,7 @@ class AttentionMask:
     ) -> AttentionMask:
         to_seq_len = to_seq_len or seq_len
         keep = torch.ones(seq_len, to_seq_len, dtype=torch.bool, device=device).tril()
-        additive = torch.zeros(seq_len, to_seq_len, dtype=dtype or torch.float32, device=device)
+        additive = torch.zeros(seq_len, to_seq_len, dtype=dtype or torch.get_default_dtype(), device=device)
         return cls(additive.masked_fill(~keep, float("-inf")), is_causal=True)
 
     def make_crop(self, seq_len: int, to_seq_len: int | None = None) -> AttentionMask:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,6 +83,15 @@ class SoftMaxPositiveEstimator(nn.Module):
             device = self.features.device
         self.features = self.draw(dim_input, device).float()
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Features are drawn lazily at the first forward (their input width is only known then), so a freshly built
+        # map has none yet: give it a buffer of the saved shape to load into, so the saved features are used.
+        saved = state_dict.get(prefix + "features")
+        if isinstance(saved, torch.Tensor) and (self.features is None or self.features.shape != saved.shape):
+            device = saved.device if self.features is None else self.features.device
+            self.features = torch.empty(saved.shape, dtype=torch.float32, device=device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.features is None or self.features.shape[0] != x.shape[-1]:
             self.redraw(x.shape[-1], x.device)
@@ -91,7 +101,7 @@ class SoftMaxPositiveEstimator(nn.Module):
                 self._calls_since_redraw = 0
             self._calls_since_redraw += 1
         x = x * (self.softmax_temp if self.softmax_temp > 0 else x.shape[-1] ** -0.25)
-        projected = x @ self.features.to(x.dtype)
+        projected = x @ self.features.to(device=x.device, dtype=x.dtype)
         offset = -0.5 * (x * x).sum(dim=-1, keepdim=True) - self.log_scale + self.epsilon
         if self.normalize_inputs:
             offset = offset - (x * x).sum(dim=-1, keepdim=True).amax(dim=-2, keepdim=True)

@@ -75,7 +75,7 @@ class RandomAttention(PatternAttention):
         return int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
 
     def make_keep(self, s_q: int, s_k: int, device: torch.device) -> KeepFn:
-        if not self.constant_masking and self.training:
+        if not self.constant_masking:
             self.seed = self._draw_seed()
         offset, causal = self.query_offset(s_q, s_k), self.causal
         # A changing seed travels as a tensor so compiled FlexAttention does not recompile for every new draw.

@@ -310,6 +310,19 @@ def test_orthogonal_features_are_unbiased():
                                atol=1e-5, rtol=0)
 
 
+def test_favor_features_drawn_at_first_forward_reload_strictly():
+    """Built without dim_head, the features exist only after a forward; a fresh module still loads them."""
+    torch.manual_seed(0)
+    trained = FavorAttention(dim_features=16)
+    q, k, v = qkv(2, s=6, d=8)
+    expected = trained(q, k, v)
+    fresh = FavorAttention(dim_features=16)
+    assert "feature_map.features" not in fresh.state_dict()
+    fresh.load_state_dict(trained.state_dict())  # strict
+    torch.testing.assert_close(fresh.feature_map.features, trained.feature_map.features, rtol=0, atol=0)
+    torch.testing.assert_close(fresh(q, k, v), expected)
+
+
 def test_favor_redraw_key_padding_defaults_and_errors():
     torch.manual_seed(0)
     attention = FavorAttention(dim_head=16, iter_before_redraw=2)

@@ -60,6 +60,13 @@ def test_make_causal_crop_add_and_to():
     assert (crop.to(torch.float16)).dtype == torch.float16
     with pytest.raises(ValueError):
         crop.to(torch.bool)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:  # without dtype, torch's default dtype (as xFormers), not always float32
+        assert AttentionMask.make_causal(3).dtype == torch.float64
+    finally:
+        torch.set_default_dtype(previous)
+    assert AttentionMask.make_causal(3).dtype == previous
 
 
 @pytest.mark.parametrize("lead", [(6,), (2, 3)])

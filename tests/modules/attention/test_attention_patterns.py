@@ -136,6 +136,9 @@ def test_random_density_and_redraw():
     assert abs(off_diagonal - 0.25) < 0.01
     changing = RandomAttention(r=0.25, constant_masking=False)
     assert not torch.equal(changing.pattern(64, 64), changing.pattern(64, 64))
+    changing.eval()  # xFormers redraws in eval mode too; only constant_masking fixes the pattern
+    q, k, v = qkv(1, s_q=64)
+    assert not torch.equal(changing(q, k, v), changing(q, k, v))
     with pytest.raises(ValueError, match="r must be"):
         RandomAttention(r=1.5)
 
