@@ -79,6 +79,11 @@ class Attention(nn.Module):
         fields.pop("module", None)
         accepted = _named_parameters(cls.__init__)
         if accepted:
+            # A mechanism taking its own options through **kwargs declares them in its registered config (xFormers'
+            # pattern); those fields are arguments too.
+            accepted |= _registered_config_fields(cls)
+            if dataclasses.is_dataclass(config) and not isinstance(config, type):
+                accepted |= {field.name for field in dataclasses.fields(config)}
             unknown = sorted(set(fields) - accepted - SHARED_ARGUMENTS)
             if unknown:
                 raise AttentionConfigError(
@@ -101,6 +106,15 @@ def _named_parameters(function: Callable[..., Any]) -> set[str]:
         name
         for name, parameter in signature.parameters.items()
         if name != "self" and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    }
+
+
+def _registered_config_fields(cls: type) -> set[str]:
+    return {
+        field.name
+        for item in ATTENTION_REGISTRY.values()
+        if item.constructor is cls and dataclasses.is_dataclass(item.config)
+        for field in dataclasses.fields(item.config)
     }
 
 

@@ -109,6 +109,28 @@ def test_mechanism_from_users_own_module_is_selectable(tmp_path, monkeypatch):
         sys.modules.pop("my_attention_module", None)
 
 
+def test_fields_of_a_registered_config_reach_a_mechanism_taking_kwargs():
+    """xFormers' pattern: options declared in the registered config dataclass, taken through **kwargs."""
+
+    @dataclasses.dataclass
+    class TemperatureConfig(AttentionConfig):
+        temperature: float | None = None
+
+    class Tempered(Attention):
+        def __init__(self, dropout=0.0, *args, **kwargs):
+            super().__init__(dropout)
+            self.temperature = kwargs.get("temperature") or 1.0
+
+    register_attention("audit_tempered", TemperatureConfig)(Tempered)
+    try:
+        assert build_attention({"name": "audit_tempered", "temperature": 2.0}).temperature == 2.0
+        assert build_attention(TemperatureConfig(name="audit_tempered", temperature=3.0)).temperature == 3.0
+        with pytest.raises(ConfigError, match="has no argument 'temprature'"):
+            build_attention({"name": "audit_tempered", "temprature": 2.0})
+    finally:
+        ATTENTION_REGISTRY.pop("audit_tempered", None)
+
+
 def test_every_mechanism_has_a_yaml_file_with_the_page_defaults():
     files = {path.stem: OmegaConf.to_container(OmegaConf.load(path)) for path in CONFIG_DIR.glob("*.yaml")}
     assert set(files) == set(EXPECTED)
