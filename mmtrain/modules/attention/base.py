@@ -50,16 +50,32 @@ class AttentionConfig:
 class Attention(nn.Module):
     """Base attention mechanism: the part of multi-head attention after the input projections.
 
-    Subclasses set the capability flags below as class attributes; the multi-head wrapper reads them to decide
-    how to hand over masks and shapes.
+    Subclasses set the capability flags below as class attributes; the multi-head wrapper reads them as xFormers'
+    ``MultiHeadDispatch`` does:
+
+    - ``requires_input_projection=False``: q, k and v are the inputs themselves (no projections are built).
+    - ``requires_head_dimension``: q, k, v arrive as ``(batch, heads, S, D)``; otherwise the heads are folded into
+      the batch, ``(batch * heads, S, D)``, with the attention mask expanded to match.
+    - ``requires_same_k_q_dimensions``: queries and keys of different lengths are an error.
+    - ``requires_skip_multi_head``: the mechanism gets the wrapper's inputs ``(batch, S, embed_dim)`` and masks as
+      given, and its output is returned as is (no projections, no head split).
+    - ``supports_attention_mask`` / ``supports_key_padding_mask``: which masks it takes; the wrapper merges a key
+      padding mask into the attention mask for mechanisms that take only the latter, and refuses a mask otherwise.
+
+    ``accepts_head_dimension`` (mmtrain's): the mechanism also takes ``(batch, heads, S, D)`` when it does not
+    require it, so the wrapper hands heads over without the fold's copy. Every built-in mechanism sets it; a
+    mechanism written for xFormers' folded layout leaves it False.
     """
 
     requires_input_projection: bool = True
     requires_head_dimension: bool = False
+    requires_separate_masks: bool = False
     requires_same_k_q_dimensions: bool = False
+    requires_skip_multi_head: bool = False
     requires_squared_context: bool = False
     supports_attention_mask: bool = True
     supports_key_padding_mask: bool = False
+    accepts_head_dimension: bool = False
 
     def __init__(self, dropout: float | None = None, *args: Any, **kwargs: Any) -> None:
         super().__init__()

@@ -252,6 +252,7 @@ class ScaledDotProduct(Attention):
     is (True keeps), an additive mask is added to the scores.
     """
 
+    accepts_head_dimension = True
     supports_attention_mask = True
     supports_key_padding_mask = True
 

@@ -76,6 +76,7 @@ class FavorAttention(Attention):
         normalize_inputs: subtract the per-sequence largest squared norm inside ``exp`` for range safety.
     """
 
+    accepts_head_dimension = True
     supports_attention_mask = False
     supports_key_padding_mask = True
 

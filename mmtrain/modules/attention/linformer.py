@@ -30,6 +30,7 @@ class LinformerAttention(Attention):
         k: projected length; ``seq_len // 4`` when not given.
     """
 
+    accepts_head_dimension = True
     requires_same_k_q_dimensions = True
     supports_attention_mask = False
     supports_key_padding_mask = True

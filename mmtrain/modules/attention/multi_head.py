@@ -118,15 +118,6 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = head_dim
         self.max_seq_len = max_seq_len
         self.is_causal = is_causal
-        self.q_proj = q_proj or nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
-        self.k_proj = k_proj or nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = v_proj or nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
-        self.output_proj = output_proj or nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
-        self.pos_embeddings = pos_embeddings
-        self.q_norm = q_norm
-        self.k_norm = k_norm
-        self.kv_cache = kv_cache
-        self.fused_qkv = fused_qkv
         if attention is None:
             attention = ScaledDotProduct(dropout=attn_dropout, causal=is_causal)
         elif not isinstance(attention, Attention):
@@ -139,7 +130,27 @@ class MultiHeadAttention(nn.Module):
                 dim_model=embed_dim,
                 seq_len=max_seq_len,
             )
-        self.attention = attention
+        if attention.requires_input_projection:
+            self.q_proj = q_proj or nn.Linear(embed_dim, num_heads * head_dim, bias=bias)
+            self.k_proj = k_proj or nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
+            self.v_proj = v_proj or nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias)
+        else:
+            name = type(attention).__name__
+            if any(p is not None for p in (q_proj, k_proj, v_proj)):
+                raise ValueError(f"{name} takes its inputs unprojected (requires_input_projection=False): "
+                                 "q_proj, k_proj and v_proj cannot be given")
+            if num_kv_heads != num_heads or num_heads * head_dim != embed_dim:
+                raise ValueError(f"{name} takes its inputs unprojected (requires_input_projection=False): that needs "
+                                 f"num_kv_heads == num_heads and num_heads * head_dim == embed_dim, got "
+                                 f"{num_kv_heads}, {num_heads}, {num_heads} * {head_dim} vs {embed_dim}")
+            self.q_proj, self.k_proj, self.v_proj = nn.Identity(), nn.Identity(), nn.Identity()
+        self.output_proj = output_proj or nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
+        self.pos_embeddings = pos_embeddings
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.kv_cache = kv_cache
+        self.fused_qkv = fused_qkv
+        self.attention = attention  # registered after the projections: parameter order as before
 
     def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int | None = None) -> None:
         device = self.q_proj.weight.device if hasattr(self.q_proj, "weight") else None
@@ -173,6 +184,8 @@ class MultiHeadAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.attention.requires_skip_multi_head:
+            return self._attend_whole(x, x if y is None else y, mask, key_padding_mask)
         b, s_x, _ = x.shape
         fused_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         if self._projects_fused(y):
@@ -221,6 +234,10 @@ class MultiHeadAttention(nn.Module):
             k = k.unsqueeze(2).expand(-1, -1, groups, -1, -1).flatten(1, 2)
             v = v.unsqueeze(2).expand(-1, -1, groups, -1, -1).flatten(1, 2)
 
+        if self.attention.requires_same_k_q_dimensions and q.shape[-2] != k.shape[-2]:
+            raise ValueError(f"{type(self.attention).__name__} needs queries and keys of one length "
+                             f"(requires_same_k_q_dimensions), got {q.shape[-2]} queries and {k.shape[-2]} keys")
+
         # Decoding with a cache gives s_x < s_kv: causal mechanisms align the band bottom-right, which is
         # exactly "each new token sees the cache and itself".
         attn_kwargs: dict[str, Any] = {}
@@ -238,12 +255,39 @@ class MultiHeadAttention(nn.Module):
                 mask = _merge_kpm(mask, kpm)
         if mask is not None and not self.attention.supports_attention_mask:
             raise ValueError(f"{type(self.attention).__name__} does not take an attention mask")
+        fold = not (self.attention.requires_head_dimension or self.attention.accepts_head_dimension)
+        if fold:
+            # xFormers' layout for a mechanism written for it: heads folded into the batch, (b * h, s, d), the
+            # attention mask expanded to match and the key padding mask handed over as given, (b, s_kv).
+            q, k, v = (t.reshape(b * self.num_heads, t.shape[-2], t.shape[-1]) for t in (q, k, v))
+            if isinstance(mask, torch.Tensor) and mask.ndim == 4:
+                mask = mask.expand(b, self.num_heads, -1, -1).reshape(b * self.num_heads, *mask.shape[-2:])
+            if "key_padding_mask" in attn_kwargs:
+                attn_kwargs["key_padding_mask"] = key_padding_mask
         if mask is not None:
             out = self.attention(q, k, v, att_mask=mask, **attn_kwargs)
         else:
             out = self.attention(q, k, v, **attn_kwargs)
+        if fold:
+            out = out.view(b, self.num_heads, s_x, out.shape[-1])
         out = out.transpose(1, 2).reshape(b, s_x, self.num_heads * self.head_dim)
         return self.output_proj(out)
+
+    def _attend_whole(self, x: torch.Tensor, kv_in: torch.Tensor, mask: torch.Tensor | AttentionMask | None,
+                      key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """A mechanism that owns the multi-head part (``requires_skip_multi_head``) gets the inputs and masks as
+        given and its output is the result, as in xFormers' MultiHeadDispatch."""
+        name = type(self.attention).__name__
+        kwargs: dict[str, Any] = {}
+        if mask is not None:
+            if not self.attention.supports_attention_mask:
+                raise ValueError(f"{name} does not take an attention mask")
+            kwargs["att_mask"] = mask
+        if key_padding_mask is not None:
+            if not self.attention.supports_key_padding_mask:
+                raise ValueError(f"{name} does not take a key padding mask")
+            kwargs["key_padding_mask"] = key_padding_mask
+        return self.attention(x, kv_in, kv_in, **kwargs)
 
 
 def set_fused_qkv(model: nn.Module, enabled: bool = True, *, packable_only: bool = False) -> int:

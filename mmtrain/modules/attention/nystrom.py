@@ -99,6 +99,8 @@ class NystromAttention(Attention):
         conv_kernel_size: when given (and no ``v_skip_connection``), a depthwise ``(conv_kernel_size, 1)`` conv skip.
     """
 
+    accepts_head_dimension = True
+    requires_separate_masks = True
     supports_attention_mask = False
     supports_key_padding_mask = True
     requires_same_k_q_dimensions = True

@@ -52,6 +52,7 @@ class OrthoFormerAttention(Attention):
         landmark_selection: a ``LandmarkSelection`` or its string value.
     """
 
+    accepts_head_dimension = True
     requires_same_k_q_dimensions = True
     supports_attention_mask = True
     supports_key_padding_mask = True

@@ -130,6 +130,7 @@ class PatternAttention(Attention):
     absolute position ``i + S_k - S_q``.
     """
 
+    accepts_head_dimension = True
     supports_attention_mask = True
     supports_key_padding_mask = True
 
