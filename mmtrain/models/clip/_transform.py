@@ -23,6 +23,7 @@ from mmtrain.modules.transforms.vision_utils import (
     resize_with_pad,
     tile_crop,
 )
+from mmtrain.modules.transforms.vision_utils.resize_with_pad import interpolation_mode
 
 __all__ = ["CLIPImageTransform", "decode_image"]
 
@@ -93,9 +94,13 @@ class CLIPImageTransform:
         resample: str = "bilinear",
         resize_to_max_canvas: bool = False,
     ) -> None:
-        if possible_resolutions is None and max_num_tiles is None:
+        if not possible_resolutions and max_num_tiles is None:
             raise ValueError("Either possible_resolutions or max_num_tiles must be given")
-        if possible_resolutions is None:
+        if (image_mean is None) != (image_std is None):
+            raise ValueError(f"Need to provide both or none of image_mean and image_std. Got image_mean={image_mean} "
+                             f"and image_std={image_std}")
+        interpolation_mode(resample)  # an unknown name fails here, not at the first image
+        if not possible_resolutions:  # None or empty: every grid of at most max_num_tiles tiles, as torchtune
             possible_resolutions = find_supported_resolutions(max_num_tiles=max_num_tiles, tile_size=tile_size)
         self.possible_resolutions = torch.tensor(possible_resolutions).reshape(-1, 2)
         self.max_num_tiles = max_num_tiles
@@ -116,7 +121,9 @@ class CLIPImageTransform:
         )
         if self.image_mean:
             image = TF.normalize(image, mean=self.image_mean, std=self.image_std)
-        tiles = tile_crop(image.to(self.dtype), tile_size=self.tile_size)
+        # An integer dtype without normalization keeps pixel values (0..255 for uint8), as torchtune's transform.
+        image = image.to(self.dtype) if self.dtype.is_floating_point else TF.to_dtype(image, self.dtype, scale=True)
+        tiles = tile_crop(image, tile_size=self.tile_size)
         aspect_ratio = torch.tensor(best_resolution).reshape(-1) // self.tile_size
         sample.update({"image": tiles, "aspect_ratio": aspect_ratio})  # type: ignore[attr-defined]
         return sample

@@ -64,6 +64,33 @@ def test_transform_tiles_aspect_ratio_and_normalization():
     torch.testing.assert_close(out["image"], -torch.ones(2, 3, 8, 8))
 
 
+def test_transform_uint8_output_keeps_pixel_values():
+    """dtype=torch.uint8 without normalization: tiles hold 0..255, as torchtune's (not [0, 1] truncated to 0)."""
+    transform = CLIPImageTransform(tile_size=8, max_num_tiles=1, dtype=torch.uint8)
+    pixels = torch.arange(3 * 8 * 8, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(3, 8, 8)
+    out = transform({"image": pixels})  # already 8x8: no resize, no pad
+    assert out["image"].dtype == torch.uint8
+    assert torch.equal(out["image"], pixels[None])
+
+
+@pytest.mark.parametrize("resample", ["nearest_exact", "nearest-exact", "NEAREST_EXACT", "bicubic"])
+def test_transform_resample_spellings(resample):
+    transform = CLIPImageTransform(tile_size=8, max_num_tiles=2, dtype=torch.float32, resample=resample)
+    assert transform({"image": Image.new("RGB", (12, 5))})["image"].shape == (2, 3, 8, 8)
+
+
+def test_transform_argument_checks_at_construction():
+    with pytest.raises(ValueError, match="unknown resample 'lanczos5'"):
+        CLIPImageTransform(tile_size=8, max_num_tiles=2, resample="lanczos5")
+    with pytest.raises(ValueError, match="both or none of image_mean and image_std"):
+        CLIPImageTransform(tile_size=8, max_num_tiles=2, image_std=[0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="both or none of image_mean and image_std"):
+        CLIPImageTransform(tile_size=8, max_num_tiles=2, image_mean=[0.5, 0.5, 0.5])
+    # An empty list of resolutions falls back to max_num_tiles, as torchtune.
+    empty = CLIPImageTransform(tile_size=8, max_num_tiles=2, possible_resolutions=[])
+    assert sorted(map(tuple, empty.possible_resolutions.tolist())) == [(8, 8), (8, 16), (16, 8)]
+
+
 def test_transform_decodes_bytes_with_torchvision_and_reports_bad_bytes():
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), color=(0, 0, 0)).save(buf, format="PNG")

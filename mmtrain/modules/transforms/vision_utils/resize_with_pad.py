@@ -20,6 +20,17 @@ def _max_res_without_distortion(image_size: tuple[int, int], target_size: tuple[
     return target_h, min(math.floor(width * scale_h), target_w)
 
 
+def interpolation_mode(resample: InterpolationMode | str) -> InterpolationMode:
+    """``"nearest_exact"`` (torchtune's spelling, an enum name) or ``"nearest-exact"`` (torchvision's value), any case."""
+    if isinstance(resample, InterpolationMode):
+        return resample
+    try:
+        return InterpolationMode[str(resample).upper().replace("-", "_")]
+    except KeyError:
+        names = ", ".join(mode.name.lower() for mode in InterpolationMode)
+        raise ValueError(f"unknown resample {resample!r}; choose from {names}") from None
+
+
 def resize_with_pad(
     image: torch.Tensor, target_size: tuple[int, int], resample: InterpolationMode | str = "bilinear",
     max_size: int | None = None,
@@ -34,7 +45,6 @@ def resize_with_pad(
     else:
         resize_target = target_size
     new_h, new_w = _max_res_without_distortion((height, width), resize_target)
-    if isinstance(resample, str):
-        resample = InterpolationMode(resample.lower())
+    resample = interpolation_mode(resample)
     image = TF.resize(image, [new_h, new_w], interpolation=resample, antialias=True)
     return TF.pad(image, [0, 0, target_size[1] - new_w, target_size[0] - new_h])
