@@ -31,9 +31,29 @@ from torch import nn
 __all__ = ["TilePositionalEmbedding", "TiledTokenPositionalEmbedding", "TokenPositionalEmbedding"]
 
 
+def _check_aspect_ratio(aspect_ratio: torch.Tensor, n_tiles: int, max_num_tiles: int) -> None:
+    if torch.compiler.is_compiling():
+        return
+    bad = (aspect_ratio.amax(dim=-1) > max_num_tiles) | (aspect_ratio.prod(dim=-1) > n_tiles)
+    message = (f"aspect_ratio must fit a grid of at most {max_num_tiles} x {max_num_tiles} tiles and at most the "
+               f"{n_tiles} tiles given")
+    if aspect_ratio.device.type == "cpu":
+        if bad.any():
+            first = aspect_ratio[bad][0].tolist()
+            raise ValueError(f"{message}; got aspect_ratio {tuple(first)} (was the image transform built with a "
+                             f"larger max_num_tiles than the model?)")
+    elif aspect_ratio.device.type == "cuda":  # no host sync: a device-side assertion fails the step instead
+        torch._assert_async(~bad.any(), message)
+
+
 def _tile_grid_index(aspect_ratio: torch.Tensor, n_tiles: int, max_num_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """aspect_ratio (n, 2) -> (flat index into a (max, max) grid, valid mask), each (n, n_tiles)."""
+    """aspect_ratio (n, 2) -> (flat index into a (max, max) grid, valid mask), each (n, n_tiles).
+
+    An aspect ratio the tables cannot index (a side above ``max_num_tiles``, or more tiles than the input has) is
+    an error, as in torchtune, where clamping would give several tiles the same embedding.
+    """
     aspect_ratio = aspect_ratio.to(torch.long)
+    _check_aspect_ratio(aspect_ratio, n_tiles, max_num_tiles)
     rows, cols = aspect_ratio[:, 0:1], aspect_ratio[:, 1:2]
     tile = torch.arange(n_tiles, device=aspect_ratio.device).unsqueeze(0)
     valid = tile < rows * cols

@@ -62,6 +62,17 @@ def test_tile_positional_embedding_matches_loop_and_skips_padding():
     assert torch.equal(fresh(xf, ASPECT), xf)
 
 
+@pytest.mark.parametrize("aspect", [(1, 5), (5, 1), (2, 2)], ids=["wide", "tall", "too_many"])
+def test_aspect_ratio_the_tables_cannot_index_is_an_error(aspect):
+    """max 4 tiles a side, 3 tiles given: (1, 5) / (5, 1) leave the table, (2, 2) needs 4 tiles. torchtune raises;
+    clamping would hand several tiles the same embedding."""
+    tiles = 5 if aspect != (2, 2) else 3
+    x = torch.randn(1, tiles, 5, D)
+    for module in (TilePositionalEmbedding(4, D), TiledTokenPositionalEmbedding(4, D, tile_size=4, patch_size=2)):
+        with pytest.raises(ValueError, match=r"aspect_ratio must fit a grid of at most 4 x 4"):
+            module(x, torch.tensor([aspect]))
+
+
 def test_tile_embedding_load_interpolates_max_num_tiles():
     small = _randomize(TilePositionalEmbedding(2, D))
     big = TilePositionalEmbedding(3, D).double()
