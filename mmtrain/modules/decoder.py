@@ -5,10 +5,12 @@ State-dict keys as torchtune: ``tok_embeddings.*``, ``layers.N.*``, ``norm.*``, 
 Shapes:
     tokens: long (b, s)
     mask: bool (b, s, s_kv) or None          self-attention mask, True attends; None = causal. With KV caches,
-                                             s_kv is the number of positions cached after this call.
+                                             s_kv is the number of positions cached after this call; a mask
+                                             over the whole cache length (torchtune's) is cropped to them.
     encoder_input: (b, s_e, d) or None       encoder output for cross-attention layers (None after the first
                                              decoding step: cross-attention then reads its cache)
-    encoder_mask: bool (b, s, s_e) or None   True where text token i may attend to encoder token j
+    encoder_mask: bool (b, s, s_e) or None   True where text token i may attend to encoder token j (columns
+                                             past s_e, e.g. from the collator's pad_max_images, are cropped)
     input_pos: long (s,) or (b, s) or None   positions for RoPE (None = 0..s-1, or continuing the cache)
     -> logits float32 (b, s, vocab)  (or hidden states (b, s, d) when ``skip_output_projection``)
 """

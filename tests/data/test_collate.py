@@ -122,3 +122,25 @@ def test_inference_masks_from_the_transform_drive_the_fusion_model():
             logits.append(model(batch["tokens"], encoder_input=batch["encoder_input"],
                                 encoder_mask=batch["encoder_mask"]))
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+
+
+def test_masks_widened_by_pad_max_images_drive_the_fusion_model():
+    """pad_max_images widens encoder_mask for a fixed cache length; the model reads only the encoder's tokens."""
+    from mmtrain.models.llama3_2_vision import llama3_2_vision_tiny
+    from mmtrain.modules.transforms import VisionCrossAttentionMask
+
+    torch.manual_seed(0)
+    model = llama3_2_vision_tiny(max_num_tiles=4).eval()
+    transform = VisionCrossAttentionMask(tile_size=32, patch_size=8, image_token_id=128)
+    sample = {"tokens": [5, 128, 6, 7],
+              "encoder_input": {"images": [torch.rand(2, 3, 32, 32)], "aspect_ratio": [torch.tensor([1, 2])]}}
+    sample = transform(sample)
+    logits = []
+    for pad_max_images in (None, 3):
+        batch = padded_collate_tiled_images_and_mask([dict(sample)], pad_direction="left", pad_max_tiles=4,
+                                                     pad_max_images=pad_max_images)
+        assert batch["encoder_mask"].shape == (1, 4, (pad_max_images or 1) * 4 * 17)
+        with torch.no_grad():
+            logits.append(model(batch["tokens"], encoder_input=batch["encoder_input"],
+                                encoder_mask=batch["encoder_mask"]))
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)

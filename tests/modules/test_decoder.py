@@ -127,6 +127,28 @@ def test_decoder_is_causal() -> None:
     torch.testing.assert_close(decoder(tokens)[:, :5], decoder(changed)[:, :5])
 
 
+def test_cached_decoding_takes_masks_over_the_whole_cache_length() -> None:
+    """torchtune's convention (mask rows over the full cache length) and mmtrain's (over the positions cached so
+    far) give the same logits: columns past the cached positions are cropped."""
+    torch.manual_seed(0)
+    decoder = llama3_2_vision_decoder(**CFG).eval()
+    tokens = torch.randint(0, 50, (1, 6))
+    causal = torch.tril(torch.ones(8, 8, dtype=torch.bool))[None]
+    logits = []
+    for full_width in (False, True):
+        decoder.setup_caches(1, torch.float32, decoder_max_seq_len=8)
+        with torch.no_grad():
+            width = 8 if full_width else 5
+            prefill = decoder(tokens[:, :5], mask=causal[:, :5, :width], input_pos=torch.arange(5)[None])
+            width = 8 if full_width else 6
+            step = decoder(tokens[:, 5:], mask=causal[:, 5:6, :width], input_pos=torch.tensor([[5]]))
+        logits.append(torch.cat([prefill, step], dim=1))
+        decoder.delete_caches()
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+    with torch.no_grad():  # and both are the uncached causal pass
+        torch.testing.assert_close(logits[0], decoder(tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_decoder_rejects_too_long_input_and_single_layer_needs_count() -> None:
     decoder = llama3_2_vision_decoder(**{**CFG, "max_seq_len": 4})
     with pytest.raises(ValueError, match="max_seq_len"):

@@ -245,6 +245,10 @@ class MultiHeadAttention(nn.Module):
             # Its values are (1 or b, s_x, s_kv) (a 2-D mask is stored with a leading 1): a batch dimension, which
             # must line up with b, not with the heads, so the tensor goes through the same unsqueeze as below.
             mask = mask.values
+        if isinstance(mask, torch.Tensor) and mask.shape[-1] > k.shape[-2]:
+            # Columns past the keys are padding: a mask made for a fixed cache length (the collator's
+            # pad_max_images, or torchtune's decode masks over the whole cache) while the cache holds fewer.
+            mask = mask[..., :k.shape[-2]]
         if isinstance(mask, torch.Tensor) and mask.ndim == 3:
             mask = mask.unsqueeze(1)  # (b, 1, s_x, s_kv): broadcast over heads
         if key_padding_mask is not None:
