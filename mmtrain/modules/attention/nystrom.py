@@ -10,7 +10,10 @@ With landmarks ``Q~ = pool(Q)``, ``K~ = pool(K)`` (``m`` segment means unless ``
 ``use_razavi_pinverse=False`` (then ``torch.linalg.pinv``). Memory is linear in ``S``. With ``num_landmarks >= S``
 it is exact softmax attention (as in xFormers). ``conv_kernel_size`` adds the depthwise convolution skip over ``V``
 (per head, along the sequence); ``v_skip_connection`` replaces it with any module on ``(batch, heads, S, D_v)``.
-Under ``causal`` the three kernels get xFormers' triangular masks (index ``i`` may use landmark/key ``j <= i``).
+Under ``causal`` (and ``S > m``) no position sees a later token: a query attends exactly to its own segment up to
+itself, and through the landmarks of the earlier, complete segments only (see ``_causal_landmark_attention``); the
+convolution skip looks back only. xFormers builds triangular masks that compare landmark and token indices and
+never applies them, so its causal Nystrom lets earlier positions see later tokens; that is not copied.
 
 ``forward(q, k, v, key_padding_mask=None)`` takes the key padding mask 4th, as on xFormers' page; a mask whose
 dimensions do not fit the inputs is ignored with a ``UserWarning`` naming the given and expected shapes (the page:
@@ -91,7 +94,7 @@ class NystromAttention(Attention):
         num_heads: heads, needed to reshape ``V`` for the convolution skip.
         num_landmarks: ``m``.
         landmark_pooling: module ``(*batch, S, D) -> (*batch, m, D)``; segment means when None.
-        causal: triangular masks on the kernels (see module docstring).
+        causal: no position attends to a later one (see module docstring); needs the default landmarks.
         use_razavi_pinverse: iterative pseudo-inverse (else ``torch.linalg.pinv``).
         pinverse_original_init: initialise the iteration with the batch-wide scale of the original code.
         inv_iterations: iterations of the pseudo-inverse.
@@ -133,12 +136,18 @@ class NystromAttention(Attention):
         self.use_razavi_pinverse = bool(use_razavi_pinverse)
         self.pinverse_original_init = bool(pinverse_original_init)
         self.inv_iterations = int(inv_iterations)
+        if self.causal and landmark_pooling is not None:
+            raise ValueError("causal NystromAttention needs its own segment-mean landmarks (it must know which tokens "
+                             "each landmark summarizes); landmark_pooling cannot be given with causal=True")
         self.landmark_pooling = landmark_pooling if landmark_pooling is not None else AvgPool(self.num_landmarks)
         self.skip_connection = v_skip_connection
+        self._causal_conv_pad = 0
         if self.skip_connection is None and conv_kernel_size is not None:
+            # Under causal the convolution looks back only: padded on the left in forward, not centred.
+            self._causal_conv_pad = int(conv_kernel_size) - 1 if self.causal else 0
             self.skip_connection = nn.Conv2d(
                 self.num_heads, self.num_heads, kernel_size=(conv_kernel_size, 1),
-                padding=(conv_kernel_size // 2, 0), bias=False, groups=self.num_heads,
+                padding=(0 if self.causal else conv_kernel_size // 2, 0), bias=False, groups=self.num_heads,
             )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -173,20 +182,14 @@ class NystromAttention(Attention):
                 causal = _upper_triangle_additive(seq_len, seq_len, q)
                 additive = causal if additive is None else additive + causal
             out = _softmax_scores(q, k, additive) @ v
+        elif self.causal:
+            out = self._causal_landmark_attention(q, k, v, keep)
         else:
             q_landmarks = self.landmark_pooling(q)
             k_landmarks = self.landmark_pooling(k)
-            m = q_landmarks.shape[-2]
-            mask_1 = mask_2 = mask_3 = None
-            if self.causal:
-                mask_1 = _upper_triangle_additive(seq_len, m, q)
-                mask_2 = _upper_triangle_additive(m, m, q)
-                mask_3 = _upper_triangle_additive(m, seq_len, q)
-            if key_additive is not None:
-                mask_3 = key_additive if mask_3 is None else mask_3 + key_additive
-            kernel_1 = _softmax_scores(q, k_landmarks, mask_1)
-            kernel_2 = _softmax_scores(q_landmarks, k_landmarks, mask_2)
-            kernel_3 = _softmax_scores(q_landmarks, k, mask_3)
+            kernel_1 = _softmax_scores(q, k_landmarks)
+            kernel_2 = _softmax_scores(q_landmarks, k_landmarks)
+            kernel_3 = _softmax_scores(q_landmarks, k, key_additive)
             # The (m, m) inverse is cheap and ill-conditioned: always computed in at least float32.
             kernel_2_wide = kernel_2.float() if kernel_2.dtype in (torch.float16, torch.bfloat16) else kernel_2
             if self.use_razavi_pinverse:
@@ -198,8 +201,88 @@ class NystromAttention(Attention):
 
         if self.skip_connection is not None:
             v_heads = v.reshape(-1, self.num_heads, v.shape[-2], v.shape[-1])
+            if self._causal_conv_pad:
+                v_heads = F.pad(v_heads, (0, 0, self._causal_conv_pad, 0))
             out = out + self.skip_connection(v_heads).reshape(out.shape)
         return F.dropout(out, self.dropout, self.training) if self.dropout > 0 else out
+
+    def _causal_landmark_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   keep: torch.Tensor | None) -> torch.Tensor:
+        """Causal Nystrom without looking ahead. Query ``i`` in segment ``s`` attends
+
+        - exactly to the keys ``j <= i`` of its own segment, and
+        - through the Nystrom factorization to the earlier segments ``0 .. s-1`` only: it sees the landmarks of
+          complete segments, a landmark sees landmarks up to itself and keys up to its segment's end, and the
+          (lower-triangular) landmark matrix is inverted exactly by a triangular solve, which keeps that order
+          (the iterative pseudo-inverse would mix later landmarks into earlier ones).
+
+        The two parts are combined by their softmax masses: exact for the own segment, ``sum_j n_j exp(q . k~_j)``
+        over the earlier segments' landmarks (``n_j`` tokens each). With one token per segment it is exact.
+        """
+        seq_len, dim = k.shape[-2], q.shape[-1]
+        m = self.num_landmarks
+        scale = dim ** -0.5
+        device = q.device
+        short, length = m - seq_len % m, seq_len // m  # AvgPool's layout: `short` segments of `length`, then +1
+        lengths = torch.full((m,), length, device=device, dtype=torch.long)
+        lengths[short:] += 1
+        ends = lengths.cumsum(0) - 1  # (m,) last token of each segment
+        starts = ends - lengths + 1
+        segment_of = torch.repeat_interleave(torch.arange(m, device=device), lengths, output_size=seq_len)  # (S,)
+        width = length + (1 if short < m else 0)
+
+        q_landmarks, k_landmarks = self.landmark_pooling(q), self.landmark_pooling(k)
+        never = torch.finfo(q.dtype).min
+        wide = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        arange_m = torch.arange(m, device=device)
+        if keep is None:
+            counts = lengths.to(q.dtype)  # (m,) tokens per segment
+        else:  # (*batch, 1, m) kept tokens per segment: a wholly padded segment holds no mass and is left out
+            counts = keep.to(q.dtype) @ (segment_of[:, None] == arange_m).to(q.dtype)
+        has_tokens = counts > 0
+        # Earlier segments through the landmarks.
+        sees_landmark = (arange_m[None, :] < segment_of[:, None]) & has_tokens  # (*, S, m)
+        scores_1 = (q @ k_landmarks.transpose(-1, -2)) * scale
+        kernel_1 = scores_1.masked_fill(~sees_landmark, never).softmax(dim=-1)
+        own_or_earlier = torch.ones(m, m, dtype=torch.bool, device=device).tril()
+        diagonal = torch.eye(m, dtype=torch.bool, device=device)
+        sees_earlier_landmark = (own_or_earlier & has_tokens) | diagonal  # (*, m, m); columns: landmarks seen
+        scores_2 = (q_landmarks.to(wide) @ k_landmarks.to(wide).transpose(-1, -2)) * scale
+        kernel_2 = scores_2.masked_fill(~sees_earlier_landmark, torch.finfo(wide).min).softmax(-1)  # lower triangular
+        sees_key = torch.arange(seq_len, device=device)[None, :] <= ends[:, None]  # (m, S)
+        if keep is not None:  # a padded segment's landmark keeps its causal range: finite, and never read
+            sees_key = sees_key & (keep | ~has_tokens.transpose(-1, -2))
+        kernel_3 = ((q_landmarks @ k.transpose(-1, -2)) * scale).masked_fill(~sees_key, never).softmax(dim=-1)
+        middle = torch.linalg.solve_triangular(kernel_2, (kernel_3 @ v).to(wide), upper=False)
+        earlier = kernel_1 @ middle.to(v.dtype)  # (*batch, S, D_v), normalized over the earlier segments
+        log_mass_earlier = (scores_1 + counts.clamp(min=1).log()).masked_fill(~sees_landmark, never).logsumexp(-1)
+
+        # The own segment, exactly: segments laid out as (m, width) blocks of token indices.
+        offsets = torch.arange(width, device=device)
+        index = starts[:, None] + offsets[None, :]  # (m, width)
+        valid = offsets[None, :] < lengths[:, None]
+        index = index.clamp(max=seq_len - 1)
+        blocks = [t[..., index.reshape(-1), :].unflatten(-2, (m, width)) for t in (q, k, v)]
+        scores_own = (blocks[0] @ blocks[1].transpose(-1, -2)) * scale  # (*batch, m, width, width)
+        sees_own = valid[:, None, :] & (offsets[None, :, None] >= offsets[None, None, :])
+        if keep is not None:
+            sees_own = sees_own & keep[..., 0, index.reshape(-1)].unflatten(-1, (m, width))[..., None, :]
+        scores_own = scores_own.masked_fill(~sees_own, never)
+        log_mass_own = scores_own.logsumexp(dim=-1)  # (*batch, m, width)
+        own = scores_own.softmax(dim=-1) @ blocks[2]
+        position = (segment_of * width + torch.arange(seq_len, device=device) - starts[segment_of])  # (S,)
+        own = own.flatten(-3, -2)[..., position, :]
+        log_mass_own = log_mass_own.flatten(-2)[..., position]
+        has_own = sees_own.any(dim=-1).flatten(-2)[..., position]  # (*, S): False only for padded queries
+
+        # A part with nothing to attend to (no earlier segment, or a padded query) counts for nothing; a query
+        # with neither gives 0, as fully masked rows do in the other mechanisms.
+        has_earlier = sees_landmark.any(dim=-1)
+        weight = torch.sigmoid(log_mass_earlier - log_mass_own)
+        weight = torch.where(has_own, torch.where(has_earlier, weight, 0.0), has_earlier.to(weight.dtype))[..., None]
+        earlier = earlier.masked_fill(~has_earlier[..., None], 0.0)
+        own = own.masked_fill(~has_own[..., None], 0.0)
+        return weight * earlier + (1 - weight) * own
 
     def extra_repr(self) -> str:
         return (f"num_landmarks={self.num_landmarks}, causal={self.causal}, "

@@ -152,19 +152,108 @@ def test_iterative_pinv_converges_to_the_inverse():
     torch.testing.assert_close(iterative_pinv(a, 40, pinverse_original_init=True), torch.linalg.inv(a))
 
 
-def test_nystrom_conv_skip_causal_shapes_and_gradients():
-    attention = NystromAttention(num_heads=2, num_landmarks=4, conv_kernel_size=3, causal=True).double()
+@pytest.mark.parametrize("causal", [False, True])
+def test_nystrom_conv_skip_shapes_and_gradients(causal):
+    attention = NystromAttention(num_heads=2, num_landmarks=4, conv_kernel_size=3, causal=causal).double()
     q, k, v = (t.requires_grad_() for t in qkv(2, 2, s=11))
     out = attention(q, k, v)
     assert out.shape == (2, 2, 11, 8) and torch.isfinite(out).all()
     out.sum().backward()
     assert attention.skip_connection.weight.grad.abs().sum() > 0 and q.grad.abs().sum() > 0
-    # The skip adds a depthwise conv of V along the sequence, per head.
-    no_skip = NystromAttention(num_heads=2, num_landmarks=4, causal=True)
+    # The skip adds a depthwise conv of V along the sequence, per head: centred, or looking back only when causal.
+    no_skip = NystromAttention(num_heads=2, num_landmarks=4, causal=causal)
     conv = attention.skip_connection.weight.detach()[:, 0, :, 0]  # (heads, 3)
-    v_pad = torch.nn.functional.pad(v.detach(), (0, 0, 1, 1))
+    v_pad = torch.nn.functional.pad(v.detach(), (0, 0, 2, 0) if causal else (0, 0, 1, 1))
     skip = sum(conv[None, :, i, None, None] * v_pad[:, :, i:i + 11, :] for i in range(3))
     torch.testing.assert_close(out.detach(), no_skip(q, k, v).detach() + skip)
+
+
+def causal_nystrom_reference(q, k, v, m):
+    """One sequence (S, D), float64, written out: query i in segment s attends exactly to its own segment's keys
+    up to i, and through the Nystrom product (landmarks of segments < s, a lower-triangular landmark matrix,
+    landmark rows over keys up to their segment's end) to the earlier segments; the parts are weighted by their
+    masses, the earlier one counted as sum_j len_j * exp(q . k~_j)."""
+    S, D = q.shape
+    short = m - S % m
+    lengths = [S // m] * short + [S // m + 1] * (m - short)
+    starts = [sum(lengths[:j]) for j in range(m)]
+    ends = [starts[j] + lengths[j] - 1 for j in range(m)]
+    segment_of = [j for j in range(m) for _ in range(lengths[j])]
+    q_l = torch.stack([q[starts[j]:ends[j] + 1].mean(0) for j in range(m)])
+    k_l = torch.stack([k[starts[j]:ends[j] + 1].mean(0) for j in range(m)])
+    e = lambda a, b: math.exp(float(a @ b) / math.sqrt(D))  # noqa: E731
+    kernel_2 = torch.zeros(m, m, dtype=torch.float64)
+    kernel_3 = torch.zeros(m, S, dtype=torch.float64)
+    for row in range(m):
+        for col in range(row + 1):
+            kernel_2[row, col] = e(q_l[row], k_l[col])
+        for t in range(ends[row] + 1):
+            kernel_3[row, t] = e(q_l[row], k[t])
+    kernel_2 /= kernel_2.sum(-1, keepdim=True)
+    kernel_3 /= kernel_3.sum(-1, keepdim=True)
+    landmark_values = torch.linalg.inv(kernel_2) @ kernel_3 @ v
+    out = torch.zeros_like(v)
+    for i in range(S):
+        s = segment_of[i]
+        weights = [e(q[i], k[t]) for t in range(starts[s], i + 1)]
+        mass_own = sum(weights)
+        own = sum(w * v[t] for w, t in zip(weights, range(starts[s], i + 1))) / mass_own
+        if s == 0:
+            out[i] = own
+            continue
+        a = [e(q[i], k_l[j]) for j in range(s)]
+        earlier = sum(a[j] * landmark_values[j] for j in range(s)) / sum(a)
+        mass_earlier = sum(lengths[j] * a[j] for j in range(s))
+        out[i] = (mass_earlier * earlier + mass_own * own) / (mass_earlier + mass_own)
+    return out
+
+
+@pytest.mark.parametrize("s, m", [(11, 3), (12, 4), (9, 8)])
+def test_causal_nystrom_matches_written_out_reference(s, m):
+    q, k, v = qkv(2, s=s, scale=0.7)
+    out = NystromAttention(num_landmarks=m, causal=True)(q, k, v)
+    for row in range(2):
+        torch.testing.assert_close(out[row], causal_nystrom_reference(q[row], k[row], v[row], m))
+
+
+@pytest.mark.parametrize("s, m", [(16, 4), (37, 5), (20, 19)])
+def test_causal_nystrom_never_looks_ahead(s, m):
+    """xFormers' causal Nystrom lets earlier positions see later tokens through the landmarks; mmtrain's must not,
+    with key padding and the convolution skip too."""
+    torch.manual_seed(0)
+    attention = NystromAttention(num_heads=2, num_landmarks=m, causal=True, conv_kernel_size=3).double()
+    q, k, v = qkv(3, 2, s=s)
+    keep = torch.ones(3, s, dtype=torch.bool)
+    keep[1, :5] = False  # left padding
+    keep[2, -4:] = False  # right padding
+    cut = s // 2
+    changed = [t.clone() for t in (q, k, v)]
+    for t in changed:
+        t[..., cut:, :] = torch.randn_like(t[..., cut:, :])
+    before = attention(q, k, v, keep[:, None, None, :])
+    after = attention(*changed, keep[:, None, None, :])
+    assert torch.isfinite(before).all()
+    torch.testing.assert_close(after[..., :cut, :], before[..., :cut, :], rtol=0, atol=1e-12)
+
+
+def test_causal_nystrom_error_falls_with_landmarks_and_key_padding_is_exact_at_one_token_segments():
+    q_smooth, k_smooth = smooth_sequence(32, seed=0), smooth_sequence(32, seed=1)
+    _, _, v = qkv(2, s=32)
+    causal = torch.ones(32, 32, dtype=torch.bool).tril()
+    exact = softmax_attention(q_smooth, k_smooth, v, causal)
+    errors = [relative_error(NystromAttention(num_landmarks=m, causal=True)(q_smooth, k_smooth, v), exact)
+              for m in (4, 8, 16)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.03, errors
+    # 20 tokens, 19 landmarks: one segment of two tokens; with key padding still exact.
+    q, k, v = qkv(2, s=20)
+    keep = torch.ones(2, 20, dtype=torch.bool)
+    keep[1, :7] = False
+    out = NystromAttention(num_landmarks=19, causal=True)(q, k, v, keep)
+    expected = softmax_attention(q, k, v, torch.ones(20, 20, dtype=torch.bool).tril() & keep[:, None, :])
+    torch.testing.assert_close(out[0], expected[0])
+    torch.testing.assert_close(out[1, 7:], expected[1, 7:])
+    with pytest.raises(ValueError, match="landmark_pooling cannot be given with causal=True"):
+        NystromAttention(num_landmarks=4, causal=True, landmark_pooling=torch.nn.Identity())
 
 
 # -- OrthoFormer --------------------------------------------------------------------------------------------------
