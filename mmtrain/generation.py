@@ -117,6 +117,13 @@ def generate(
     """
     if prompt.ndim != 2:
         raise ValueError(f"prompt must be (batch, seq_len), got shape {tuple(prompt.shape)}")
+    if int(max_new_tokens) < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    decoder = getattr(model, "decoder", model)
+    limit = getattr(decoder, "max_seq_len", None)
+    if isinstance(limit, int) and prompt.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {prompt.shape[1]} tokens plus max_new_tokens={max_new_tokens} is more than "
+                         f"the model's max_seq_len {limit}")
     options = dict(max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, stop_early=stop_early,
                    cache_dtype=cache_dtype)
     if not _self_attention_takes_masks(model):

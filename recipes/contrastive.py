@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mmtrain.config import instantiate
+from mmtrain.config import check_common_keys, instantiate
 from mmtrain.data.loader import build_contrastive_loader
 from mmtrain.errors import ConfigError
 from mmtrain.modules.attention.multi_head import apply_fused_qkv_setting
@@ -608,6 +608,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 def validate(cfg: DictConfig, report) -> None:
     """Recipe-specific checks for ``mmtrain validate`` (each problem names its key)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    check_common_keys(cfg, report, components=("model", "loss", "optimizer", "lr_scheduler", "dataset", "tokenizer"),
+                      required=("seed", "batch_size", "max_steps", "output_dir"))
 
     def positive_int(key: str, allow_none: bool = False) -> None:
         value = OmegaConf.select(cfg, key)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from mmtrain.config import instantiate
+from mmtrain.config import check_common_keys, instantiate
 from mmtrain.errors import ConfigError
 from mmtrain.modules.attention.multi_head import apply_fused_qkv_setting
 from mmtrain.modules.attention.sdpa_backend import SDPA_BACKENDS, sdpa_backend, sdpa_backend_order
@@ -52,8 +52,9 @@ def validate(cfg: DictConfig, report: Any) -> None:
     """Parameter counts and the estimated memory per GPU for the configured sharding and precision."""
     from mmtrain.models.llama3_2_vision._memory import count_parameters, estimate_memory
 
-    if "model" not in cfg:
-        report.error("model", "missing: vlm_finetune needs a fusion model")
+    check_common_keys(cfg, report, components=("model", "optimizer", "dataset", "tokenizer"),
+                      optional_components=("lr_scheduler",), required=("batch_size", "max_steps", "output_dir"))
+    if "model" not in cfg:  # reported above
         return
     try:
         with torch.device("meta"):
@@ -324,7 +325,8 @@ def main(cfg: DictConfig) -> dict:
                 loss = answer_loss(logits, batch["labels"]) / split.accumulation_steps
             loss.backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.get("clip_grad_norm", 1.0)))
+        # As in contrastive: 0 or null is no clipping (the norm is still measured and logged).
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.get("clip_grad_norm", 1.0) or math.inf))
         # Every rank sees the same mean loss and (all-reduced) gradient norm, so all apply or skip the step alike.
         step_loss, step_grad_norm = float(all_reduce_mean(loss_sum.clone())), float(grad_norm)
         if guard.check(step, step_loss, step_grad_norm):  # may raise NonFiniteLossError (policy stop)

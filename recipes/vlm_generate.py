@@ -26,6 +26,8 @@ def _resolve_image(spec: str, image_size: int) -> tuple[Any, str | None]:
 
         try:
             _, split, index = spec.split(":")
+            if int(index) < 0:
+                raise ValueError(f"INDEX must be >= 0, got {index}")
             image, _, caption = render_scene(int(index), split, image_size)
         except ValueError as err:
             raise ConfigError(f"image={spec}: expected shapes:SPLIT:INDEX ({err})") from None
@@ -46,14 +48,17 @@ def main(cfg: DictConfig) -> dict:
         raise ConfigError("prompt: required (the question)")
     device = torch.device(cfg.get("device", "cpu") if cfg.get("device", "auto") != "auto"
                           else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.get('device')}: no CUDA device here; use device=auto or cpu")
     torch.manual_seed(int(cfg.get("seed", 0)))
     tokenizer = instantiate(cfg.tokenizer)
     model = instantiate(cfg.model)
     checkpoint = OmegaConf.select(cfg, "checkpoint")
     if checkpoint:
+        if not Path(str(checkpoint)).expanduser().is_dir():
+            raise ConfigError(f"checkpoint={checkpoint}: no such folder (a checkpoint folder or a run's output_dir)")
         manager = CheckpointManager(str(checkpoint), log_fn=lambda msg: None)
-        run_dir_checkpoints = Path(str(checkpoint)) / "checkpoints"  # a run's output_dir was given
-        path = manager.resolve_resume(str(run_dir_checkpoints if run_dir_checkpoints.is_dir() else checkpoint))
+        path = manager.resolve_resume(str(checkpoint))  # a run's output_dir: its newest complete checkpoint
         if path is None:
             from mmtrain.errors import CheckpointError
 
@@ -75,9 +80,14 @@ def main(cfg: DictConfig) -> dict:
     batch = padded_collate_tiled_images_and_mask([sample], padding_idx=tokenizer.pad_id, pad_direction="left")
     tokens = batch["tokens"].to(device)
     encoder_input = {k: v.to(device) for k, v in batch["encoder_input"].items()}
-    out = generate(model, tokens, max_new_tokens=int(cfg.get("max_new_tokens", 8)), pad_id=tokenizer.pad_id,
-                   stop_tokens=tokenizer.stop_tokens, encoder_input=encoder_input,
-                   encoder_mask=batch["encoder_mask"].to(device))
+    try:
+        out = generate(model, tokens, max_new_tokens=int(cfg.get("max_new_tokens", 8)), pad_id=tokenizer.pad_id,
+                       stop_tokens=tokenizer.stop_tokens, encoder_input=encoder_input,
+                       encoder_mask=batch["encoder_mask"].to(device))
+    except ValueError as err:
+        if "max_new_tokens" in str(err):
+            raise ConfigError(f"max_new_tokens: {err}") from None
+        raise
     new = out[0, tokens.shape[1]:].tolist()
     if tokenizer.eot_id in new:
         new = new[: new.index(tokenizer.eot_id)]
@@ -86,6 +96,16 @@ def main(cfg: DictConfig) -> dict:
     if caption is not None:
         print(f"(scene: {caption})")
     return {"answer": answer, "prompt": str(cfg.prompt)}
+
+
+def validate(cfg: DictConfig, report: Any) -> None:
+    """Checked by ``mmtrain validate`` and before ``mmtrain run`` starts."""
+    from mmtrain.config import check_common_keys
+
+    check_common_keys(cfg, report, components=("model", "tokenizer"))
+    new_tokens = OmegaConf.select(cfg, "max_new_tokens", default=8)
+    if not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 1:
+        report.error("max_new_tokens", f"must be a positive integer, got {new_tokens!r}")
 
 
 if __name__ == "__main__":

@@ -255,6 +255,9 @@ def _validate(args, debug: bool) -> int:
 
 
 def _run(args, debug: bool) -> int:
+    from omegaconf import OmegaConf
+
+    from mmtrain.cli._output_lock import output_dir_lock
     from mmtrain.config import import_recipe, resolve_recipe
 
     launcher = {name: getattr(args, name) for name in LAUNCHER_OPTIONS if getattr(args, name) is not None}
@@ -263,17 +266,46 @@ def _run(args, debug: bool) -> int:
     recipe_file = resolve_recipe(args.recipe)
     _, cfg = _load_for(args)
     module = import_recipe(recipe_file)
-    module.main(cfg)
+    if not _recipe_checks_pass(module, cfg):
+        return 2
+    with output_dir_lock(OmegaConf.select(cfg, "output_dir", throw_on_resolution_failure=False)):
+        module.main(cfg)
     return 0
+
+
+def _recipe_checks_pass(module, cfg) -> bool:
+    """The recipe's own ``validate`` checks (what ``mmtrain validate`` adds to building every component) run
+    before ``run`` starts, so a bad value is one line per problem here instead of a traceback mid-run."""
+    from mmtrain.config import ValidationReport
+    from mmtrain.config._paths import display_path
+    from mmtrain.config._state import source_of
+
+    recipe_validate = getattr(module, "validate", None)
+    if recipe_validate is None:
+        return True
+    report = ValidationReport()
+    try:
+        recipe_validate(cfg, report)
+    except UserError as e:
+        report.error("", str(e))
+    where = display_path(source_of(cfg))
+    for issue in report.errors:
+        print_error(f"{where}: {issue}")
+    return not report.errors
 
 
 def _launch_distributed(args, launcher: dict, debug: bool) -> int:
     """Hand over to torch.distributed.run (the real launcher): one ``mmtrain.cli.worker`` process per rank."""
-    from mmtrain.config import load, resolve_recipe
+    from omegaconf import OmegaConf
+
+    from mmtrain.cli._output_lock import output_dir_lock
+    from mmtrain.config import import_recipe, load, resolve_recipe
 
     recipe_file = resolve_recipe(args.recipe)
-    # Compose once here so a config mistake is one line from this process, not one per rank.
-    load(recipe_file, args.config, args.overrides, allow_any_target=args.allow_any_target)
+    # Compose and check once here so a config mistake is one line from this process, not one per rank.
+    cfg = load(recipe_file, args.config, args.overrides, allow_any_target=args.allow_any_target)
+    if not _recipe_checks_pass(import_recipe(recipe_file), cfg):
+        return 2
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -296,7 +328,8 @@ def _launch_distributed(args, launcher: dict, debug: bool) -> int:
             if name.startswith("torch.distributed"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        torchrun.run(parsed)
+        with output_dir_lock(OmegaConf.select(cfg, "output_dir", throw_on_resolution_failure=False)):
+            torchrun.run(parsed)
     except ChildFailedError as e:
         codes = {rank: failure.exitcode for rank, failure in sorted(e.failures.items())}
         if 2 in codes.values():

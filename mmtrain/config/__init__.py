@@ -9,6 +9,7 @@ Recipe-facing API::
     if __name__ == "__main__": recipe_entry(main)          # python recipes/x.py --config C overrides...
 """
 
+from mmtrain.config._common_checks import check_common_keys
 from mmtrain.config._compose import load
 from mmtrain.config._entry import import_recipe, recipe_entry, run_recipe_main
 from mmtrain.config._instantiate import (
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigError",
     "ValidationIssue",
     "ValidationReport",
+    "check_common_keys",
     "allow_any_target",
     "builtin_configs_dir",
     "builtin_recipe_names",

@@ -350,10 +350,17 @@ class CheckpointManager:
         if resume is None or str(resume).lower() in ("none", "null", "false", ""):
             return None
         if str(resume).lower() == "auto":
-            return self.latest_complete()
+            found = self.latest_complete()
+            self._found_by_auto = found
+            return found
         path = Path(resume).expanduser()
         if not path.exists():
             raise CheckpointError(f"resume={resume}: no such checkpoint folder")
+        if not path.is_dir():
+            raise CheckpointError(f"resume={resume}: is a file; give a checkpoint folder, a checkpoints/ folder or "
+                                  "a run's output_dir")
+        if (path / "checkpoints").is_dir() and not (path / MARKER).exists():  # a run's output_dir
+            path = path / "checkpoints"
         if (path / MARKER).exists() or (path / ".metadata").exists():
             problem = verify_checkpoint(path)
             if problem:
@@ -455,7 +462,13 @@ class CheckpointManager:
         saved = metadata.state_dict_metadata
 
         model_sd = get_model_state_dict(model)
-        self._check_model_fits(path, model_sd, saved)
+        try:
+            self._check_model_fits(path, model_sd, saved)
+        except CheckpointError as err:
+            if getattr(self, "_found_by_auto", None) == path:
+                raise CheckpointError(f"{err} (resume=auto picked up this earlier run in output_dir; start afresh with "
+                                      "resume=none or another output_dir)") from None
+            raise
         state: dict[str, Any] = {"model": model_sd}
         if optimizer is not None:
             if not any(k.startswith("optim.") for k in saved):

@@ -42,9 +42,9 @@ OVERRIDE_CASES = [
     pytest.param(["max_steps=-3"], ["max_steps", "positive integer"], id="negative-steps"),
     pytest.param(["max_steps=0"], ["max_steps", "positive integer"], id="zero-steps"),
     pytest.param(["batch_size=0"], ["batch_size"], id="zero-batch"),
-    pytest.param(["gradient_accumulation_steps=3"], ["gradient_accumulation_steps", "not divisible by 3"],
+    pytest.param(["gradient_accumulation_steps=3"], ["batch_size", "global batch 8", "3 accumulation steps"],
                  id="batch-not-divisible-by-accumulation"),
-    pytest.param(["gradient_accumulation_steps=-2"], ["gradient_accumulation_steps", ">= 1"],
+    pytest.param(["gradient_accumulation_steps=-2"], ["gradient_accumulation_steps", "positive integer"],
                  id="negative-accumulation"),
     pytest.param(["lr_scheduler.num_warmup_steps=-5"], ["lr_scheduler.num_warmup_steps"], id="negative-warmup"),
     pytest.param(["checkpoint.every_n_steps=-1"], ["checkpoint.every_n_steps"], id="negative-checkpoint-interval"),
@@ -60,6 +60,15 @@ OVERRIDE_CASES = [
                  id="target-does-not-exist"),
     pytest.param(["model._target_=os.system"], ["model._target_", "not allowed", "--allow-any-target"],
                  id="target-outside-allowlist"),
+    # checked by the recipe before `run` starts (before: a traceback mid-run, or silently wrong training)
+    pytest.param(["clip_grad_norm=-1.0"], ["clip_grad_norm", "number >= 0"], id="negative-clip-norm"),
+    pytest.param(["~optimizer"], ["key 'optimizer'", "no _target_"], id="optimizer-group-deleted"),
+    pytest.param(["~output_dir"], ["key 'output_dir'", "missing"], id="output-dir-deleted"),
+    pytest.param(["seed=${output_dir}"], ["key 'seed'", "must be an integer"], id="seed-interpolated-to-a-path"),
+    pytest.param(["num_workers=-1"], ["key 'num_workers'", ">= 0"], id="negative-workers"),
+    pytest.param(["device=meta"], ["key 'device'", "'meta'"], id="meta-device"),
+    pytest.param(["host_sync=bogus"], ["key 'host_sync'", "bogus"], id="unknown-host-sync"),
+    pytest.param(["eval.batch_size=0"], ["key 'eval.batch_size'"], id="zero-eval-batch"),
     # checkpoint-related settings
     pytest.param(["resume=/nonexistent/run"], ["resume=/nonexistent/run", "no such checkpoint"],
                  id="resume-path-missing"),
@@ -126,6 +135,8 @@ VLM_CASES = [
     pytest.param(["tokenizer.image_token_id=500"], ["tokenizer.image_token_id", "500"], id="image-token-id-out-of-range"),
     pytest.param(["model.num_heads=3"], ["key 'model'"], id="vlm-heads-do-not-divide-width"),
     pytest.param(["fused_qkv=always"], ["fused_qkv", "auto, true or false", "always"], id="vlm-fused-qkv-value"),
+    pytest.param(["clip_grad_norm=-0.5"], ["clip_grad_norm", "number >= 0"], id="vlm-negative-clip-norm"),
+    pytest.param(["~output_dir"], ["key 'output_dir'", "missing"], id="vlm-output-dir-deleted"),
 ]
 
 
@@ -133,4 +144,46 @@ VLM_CASES = [
 def test_vlm_config_mistake_is_one_line(cli, one_line, tiny, tmp_path, overrides, expected):
     argv = ["run", "vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={tmp_path}", *tiny.vlm,
             *overrides]
+    one_line(cli(argv), *expected)
+
+
+def test_resume_from_a_runs_output_dir_and_refit_hint(contrastive, cli, one_line, tiny, tmp_path):
+    """resume= accepts a run's output_dir (its checkpoints/ folder is searched); a checkpoint that resume=auto
+    picked up but that does not fit says how to start afresh."""
+    first = contrastive("checkpoint.every_n_steps=1")
+    assert first.status == 0, first.err
+    second = cli(["run", "contrastive", "--config", "align_tiny", f"output_dir={tmp_path / 'second'}",
+                  *tiny.contrastive, "max_steps=3", f"resume={contrastive.out}"])
+    assert second.status == 0, second.err
+    assert f"resumed from {contrastive.out / 'checkpoints' / 'step_00000002'}" in second.out
+    refit = contrastive("model.hidden_size=24", "max_steps=3")
+    one_line(refit, "does not fit the model", "resume=auto picked up this earlier run", "resume=none")
+
+
+def test_a_second_run_into_a_folder_in_use_is_one_line(contrastive, one_line):
+    """Two runs in one output_dir would delete each other's half-written checkpoints; the second one stops."""
+    from mmtrain.cli._output_lock import output_dir_lock
+
+    with output_dir_lock(contrastive.out):
+        one_line(contrastive(), "output_dir", "is in use by mmtrain run (process", "choose another output_dir")
+    finished = contrastive()  # the lock went with the first holder
+    assert finished.status == 0, finished.err
+
+
+GENERATE_CASES = [
+    pytest.param(["checkpoint=null", "max_new_tokens=500"], ["max_new_tokens", "max_seq_len"],
+                 id="generate-past-max-seq-len"),
+    pytest.param(["max_new_tokens=-1"], ["max_new_tokens", "positive integer"], id="generate-negative-tokens"),
+    pytest.param(["checkpoint=null", "image=shapes:validation:-5"], ["image=shapes:validation:-5", "INDEX must be >= 0"],
+                 id="generate-negative-scene-index"),
+    pytest.param(["device=bogus"], ["key 'device'", "bogus"], id="generate-unknown-device"),
+    pytest.param(["checkpoint=/nonexistent/run"], ["checkpoint=/nonexistent/run", "no such folder"],
+                 id="generate-missing-checkpoint"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", GENERATE_CASES)
+def test_generate_mistake_is_one_line(cli, one_line, overrides, expected):
+    argv = ["run", "vlm_generate", "--config", "llama3_2_vision_tiny", "device=cpu", "image=shapes:validation:0",
+            "prompt=what colour is the circle?", *overrides]
     one_line(cli(argv), *expected)
