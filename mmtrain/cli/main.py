@@ -75,12 +75,14 @@ def _verb_parser(verb: str) -> argparse.ArgumentParser:
         if verb == "run":
             launch = parser.add_argument_group(
                 "distributed launch (any of these hands over to torch.distributed.run, one process per rank)")
-            launch.add_argument("--nproc-per-node", help="processes per node (a number, or gpu/cpu/auto)")
-            launch.add_argument("--nnodes", help="number of nodes, or MIN:MAX for elastic runs")
-            launch.add_argument("--node-rank", type=int, help="rank of this node (multi-node, static rendezvous)")
-            launch.add_argument("--rdzv-backend", help="rendezvous backend (c10d, etcd, static)")
-            launch.add_argument("--rdzv-endpoint", help="rendezvous HOST:PORT")
-            launch.add_argument("--max-restarts", type=int, help="restarts of the worker group before failing")
+            launch.add_argument("--nproc-per-node", type=_nproc_per_node,
+                                help="processes per node (a number, or gpu/cpu/auto)")
+            launch.add_argument("--nnodes", type=_nnodes, help="number of nodes, or MIN:MAX for elastic runs")
+            launch.add_argument("--node-rank", type=_count(0), help="rank of this node (multi-node, static rendezvous)")
+            launch.add_argument("--rdzv-backend", choices=("c10d", "etcd", "etcd-v2", "static"),
+                                help="rendezvous backend (c10d, etcd, static)")
+            launch.add_argument("--rdzv-endpoint", type=_endpoint, help="rendezvous HOST:PORT")
+            launch.add_argument("--max-restarts", type=_count(0), help="restarts of the worker group before failing")
         if verb == "print":
             parser.add_argument("--unresolved", action="store_true", help="keep ${...} interpolations as written")
     elif verb == "bench":
@@ -90,6 +92,45 @@ def _verb_parser(verb: str) -> argparse.ArgumentParser:
         parser.add_argument("name", nargs="?", default="all", help="benchmark module in mmtrain.bench (default: all)")
         parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     return parser
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _nproc_per_node(text: str) -> str:
+    if text in ("gpu", "cpu", "auto"):
+        if text == "gpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise argparse.ArgumentTypeError("gpu: no CUDA device here (use a number, cpu or auto)")
+        return text
+    return str(_count(1)(text))
+
+
+def _nnodes(text: str) -> str:
+    low, _, high = text.partition(":")
+    low_value = _count(1)(low)
+    if high and _count(1)(high) < low_value:
+        raise argparse.ArgumentTypeError(f"MIN:MAX with MIN <= MAX, got {text!r}")
+    return text
+
+
+def _endpoint(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port in 1..65535, got {text!r}")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +168,11 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mmtrain ls | head -1`: the reader left; end quietly as other Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 # ---------------------------------------------------------------------------------------------------- ls, cp

@@ -22,8 +22,8 @@ from mmtrain.errors import ConfigError, UserError, print_error
 
 
 def debug_requested(flag: bool = False) -> bool:
-    """``--debug`` given, or ``MMTRAIN_DEBUG`` set to something other than '', '0' or 'false'."""
-    return flag or os.environ.get("MMTRAIN_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    """``--debug`` given, or ``MMTRAIN_DEBUG`` set to something other than '', '0', 'false', 'no' or 'off'."""
+    return flag or os.environ.get("MMTRAIN_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def import_recipe(path: str | os.PathLike):

@@ -187,3 +187,27 @@ def test_generate_mistake_is_one_line(cli, one_line, overrides, expected):
     argv = ["run", "vlm_generate", "--config", "llama3_2_vision_tiny", "device=cpu", "image=shapes:validation:0",
             "prompt=what colour is the circle?", *overrides]
     one_line(cli(argv), *expected)
+
+
+@pytest.mark.parametrize("option, expected", [
+    (["--nproc-per-node", "0"], "--nproc-per-node: expected an integer >= 1, got 0"),
+    (["--nproc-per-node", "abc"], "--nproc-per-node: expected an integer >= 1, got 'abc'"),
+    (["--nnodes", "2:1"], "--nnodes: MIN:MAX with MIN <= MAX"),
+    (["--max-restarts", "-1"], "--max-restarts: expected an integer >= 0, got -1"),
+    (["--rdzv-backend", "bogus"], "--rdzv-backend: invalid choice: 'bogus'"),
+    (["--rdzv-endpoint", "h:99999"], "--rdzv-endpoint: expected HOST:PORT"),
+], ids=["nproc-zero", "nproc-word", "nnodes-reversed", "negative-restarts", "rdzv-backend", "rdzv-port"])
+def test_launcher_options_are_checked_before_anything_starts(cli, option, expected):
+    result = cli(["run", "contrastive", "--config", "align_tiny", *option])
+    assert result.status == 2 and "Traceback" not in result.err
+    assert expected in result.err, result.err
+
+
+def test_debug_environment_variable_off_means_off(monkeypatch):
+    from mmtrain.config._entry import debug_requested
+
+    for value in ("off", "0", "false", "no", ""):
+        monkeypatch.setenv("MMTRAIN_DEBUG", value)
+        assert not debug_requested(False), value
+    monkeypatch.setenv("MMTRAIN_DEBUG", "1")
+    assert debug_requested(False)
