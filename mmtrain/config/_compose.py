@@ -26,6 +26,8 @@ def _check_yaml_file(path: Path, *, primary: bool) -> None:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{where}: cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8") from None
     try:
         content = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -323,6 +325,11 @@ def load(recipe: str | os.PathLike, config: str | os.PathLike, overrides=(), all
         raise
     except yaml.YAMLError as e:
         raise ConfigError(_yaml_error_line(e)) from e
+    except RecursionError:
+        raise ConfigError(f"{where}: the defaults lists include each other in a cycle (a config that lists itself, "
+                          "directly or through another file)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: a config it includes is not UTF-8 text ({e.reason})") from None
     except (HydraException, OmegaConfBaseException, ValueError, KeyError) as e:
         raise _composition_error(e, where, parsed, config_file, dirs) from e
     _check_group_files(cfg.hydra.runtime.choices, dirs)

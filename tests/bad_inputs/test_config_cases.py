@@ -94,13 +94,16 @@ YAML_CASES = [
     pytest.param("", ["bad.yaml", "empty"], id="yaml-empty-file"),
     pytest.param("defaults:\n  - /model: no_such_model\n  - _self_\n", ["no config 'no_such_model'", "align_tiny"],
                  id="yaml-unknown-default"),
+    pytest.param(b"max_steps: 1\nnote: \xff\xfe\n", ["bad.yaml", "not UTF-8 text"], id="yaml-not-utf8"),
+    pytest.param("defaults:\n  - bad\n  - _self_\nmax_steps: 1\n", ["bad.yaml", "in a cycle"],
+                 id="yaml-defaults-list-itself"),
 ]
 
 
 @pytest.mark.parametrize("text, expected", YAML_CASES)
 def test_broken_config_file_is_one_line(contrastive, one_line, tmp_path, text, expected):
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     one_line(contrastive(config=path, base=[]), *expected)
 
 
