@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmtrain.errors import ConfigError
+from mmtrain.errors import ConfigError, UserError
 
 __all__ = [
     "BatchSplit",
@@ -119,6 +119,8 @@ def init_distributed(
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
+    if not (dist.is_available() and dist.is_initialized()):
+        _check_launch_environment(world_size, rank)
     dev = _resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -140,6 +142,18 @@ def init_distributed(
     if dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, is_main=rank == 0)
+
+
+def _check_launch_environment(world_size: int, rank: int) -> None:
+    """A stray WORLD_SIZE or RANK (left exported from another job) would otherwise fail deep in the rendezvous."""
+    if world_size > 1:
+        unset = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if unset:
+            raise UserError(f"WORLD_SIZE={world_size} is set but {', '.join(unset)} not: a launcher sets all of "
+                            "them; unset WORLD_SIZE for one process, or use mmtrain run --nproc-per-node N")
+    if not 0 <= rank < max(world_size, 1):
+        raise UserError(f"RANK={rank} is outside WORLD_SIZE={world_size}: unset RANK for one process, or use "
+                        "mmtrain run --nproc-per-node N")
 
 
 def get_dist_info() -> tuple[int, int]:

@@ -214,3 +214,15 @@ def test_debug_environment_variable_off_means_off(monkeypatch):
         assert not debug_requested(False), value
     monkeypatch.setenv("MMTRAIN_DEBUG", "1")
     assert debug_requested(False)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT not"),
+    ({"RANK": "1"}, "RANK=1 is outside WORLD_SIZE=1"),
+], ids=["stray-world-size", "stray-rank"])
+def test_stray_launcher_environment_is_one_line(contrastive, one_line, monkeypatch, env, expected):
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    one_line(contrastive(), expected, "--nproc-per-node")
