@@ -355,7 +355,8 @@ def image_folder_dataset(
             # No validation folder: both splits come from train (or DIR itself), disjoint by a seeded choice.
             train_dir = root / "train" if (root / "train").is_dir() else root
             if split == "test" or (train_dir == root and not (root / METADATA).exists()):
-                raise DataError(f"dataset.path: {root} has no {split}/ or train/ folder with {METADATA}")
+                wanted = "train/ folder" if split == "train" else f"{split}/ or train/ folder"
+                raise DataError(f"dataset.path: {root} has no {wanted} with {METADATA} (nor {METADATA} itself)")
             files, texts = read_metadata(train_dir, text_column)
             chosen = _carve(len(files), split, validation_fraction, seed, str(train_dir))
             files, texts = [files[i] for i in chosen], [texts[i] for i in chosen]

@@ -70,7 +70,7 @@ OVERRIDE_CASES = [
     pytest.param(["host_sync=bogus"], ["key 'host_sync'", "bogus"], id="unknown-host-sync"),
     pytest.param(["eval.batch_size=0"], ["key 'eval.batch_size'"], id="zero-eval-batch"),
     # checkpoint-related settings
-    pytest.param(["resume=/nonexistent/run"], ["resume=/nonexistent/run", "no such checkpoint"],
+    pytest.param(["resume=/nonexistent/run"], ["key 'resume'", "/nonexistent/run", "no such checkpoint"],
                  id="resume-path-missing"),
 ]
 
