@@ -13,7 +13,8 @@ it is exact softmax attention (as in xFormers). ``conv_kernel_size`` adds the de
 Under ``causal`` (and ``S > m``) no position sees a later token: a query attends exactly to its own segment up to
 itself, and through the landmarks of the earlier, complete segments only (see ``_causal_landmark_attention``); the
 convolution skip looks back only. xFormers builds triangular masks that compare landmark and token indices and
-never applies them, so its causal Nystrom lets earlier positions see later tokens; that is not copied.
+never applies them, so its causal Nystrom lets earlier positions see later tokens; that is not copied. The exact
+own-segment part holds ``(S / m)``-wide score blocks, so causal memory grows as ``S * S / m``.
 
 ``forward(q, k, v, key_padding_mask=None)`` takes the key padding mask 4th, as on xFormers' page; a mask whose
 dimensions do not fit the inputs is ignored with a ``UserWarning`` naming the given and expected shapes (the page:
