@@ -49,27 +49,19 @@ def _world_size_for(cfg: DictConfig) -> int:
 
 
 def validate(cfg: DictConfig, report: Any) -> None:
-    """Parameter counts and the estimated memory per GPU for the configured sharding and precision."""
+    """Config checks (``mmtrain run`` runs them too, before starting) and, for ``mmtrain validate``, the parameter
+    counts and the estimated memory per GPU for the configured sharding and precision."""
     from mmtrain.models.llama3_2_vision._memory import count_parameters, estimate_memory
 
     check_common_keys(cfg, report, components=("model", "optimizer", "dataset", "tokenizer"),
                       optional_components=("lr_scheduler",), required=("batch_size", "max_steps", "output_dir"))
     if "model" not in cfg:  # reported above
         return
-    try:
-        with torch.device("meta"):
-            model = instantiate(cfg.model)
-    except Exception:  # the generic validation already reported why the model does not build
-        return
-    total, trainable = count_parameters(model)
-    report.info(f"model: {total:,} parameters ({total / 1e9:.2f}B), {trainable:,} trainable "
-                f"({100 * trainable / max(total, 1):.1f}%)")
     strategy = str(OmegaConf.select(cfg, "distributed.strategy") or "none")
     world = _world_size_for(cfg)
     precision = str(cfg.get("precision", "fp32"))
     if strategy not in ("none", "ddp", "fsdp"):
         report.error("distributed.strategy", f"expected none, ddp or fsdp, got {strategy!r}")
-        return
     if precision not in ("fp32", "bf16"):
         report.error("precision", f"expected fp32 or bf16, got {precision!r}")
     if str(cfg.get("sdpa_backend", "auto")) not in ("auto", *SDPA_BACKENDS):
@@ -87,6 +79,16 @@ def validate(cfg: DictConfig, report: Any) -> None:
     except ConfigError as e:
         key, _, cause = str(e).partition(": ")
         report.error(key, cause)
+    if not report.collects_infos or strategy not in ("none", "ddp", "fsdp"):
+        return  # building the model on the meta device is for the notes below: `run` builds it for real
+    try:
+        with torch.device("meta"):
+            model = instantiate(cfg.model)
+    except Exception:  # the generic validation already reported why the model does not build
+        return
+    total, trainable = count_parameters(model)
+    report.info(f"model: {total:,} parameters ({total / 1e9:.2f}B), {trainable:,} trainable "
+                f"({100 * trainable / max(total, 1):.1f}%)")
     patch = int(OmegaConf.select(cfg, "model.patch_size") or 14)
     tile = int(OmegaConf.select(cfg, "model.image_size") or 560)
     tiles = int(OmegaConf.select(cfg, "memory.tiles_per_image") or OmegaConf.select(cfg, "model.max_num_tiles") or 1)

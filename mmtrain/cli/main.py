@@ -329,7 +329,7 @@ def _recipe_checks_pass(module, cfg) -> bool:
     recipe_validate = getattr(module, "validate", None)
     if recipe_validate is None:
         return True
-    report = ValidationReport()
+    report = ValidationReport(collect_infos=False)
     try:
         recipe_validate(cfg, report)
     except UserError as e:

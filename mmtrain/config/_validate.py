@@ -33,9 +33,11 @@ class ValidationReport:
     and notes with ``report.info("line")``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, collect_infos: bool = True) -> None:
         self.errors: list[ValidationIssue] = []
         self.infos: list[str] = []
+        # False where only errors matter (`mmtrain run`): a recipe may then skip work done only for its notes.
+        self.collects_infos = collect_infos
 
     def error(self, key_path: str, message: str) -> None:
         self.errors.append(ValidationIssue(str(key_path or ""), one_line(message)))
