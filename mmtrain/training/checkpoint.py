@@ -314,6 +314,7 @@ class CheckpointManager:
         self.dir = Path(output_dir) / "checkpoints"
         self.keep = keep
         self._log = log_fn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self._found_by_auto: Path | None = None  # what resume=auto picked, so a misfit can say how to start afresh
 
     def _say(self, msg: str) -> None:
         if _rank() == 0:
@@ -465,7 +466,7 @@ class CheckpointManager:
         try:
             self._check_model_fits(path, model_sd, saved)
         except CheckpointError as err:
-            if getattr(self, "_found_by_auto", None) == path:
+            if self._found_by_auto == path:
                 raise CheckpointError(f"{err} (resume=auto picked up this earlier run in output_dir; start afresh with "
                                       "resume=none or another output_dir)") from None
             raise
