@@ -99,7 +99,6 @@ class CLIPImageTransform:
         if (image_mean is None) != (image_std is None):
             raise ValueError(f"Need to provide both or none of image_mean and image_std. Got image_mean={image_mean} "
                              f"and image_std={image_std}")
-        interpolation_mode(resample)  # an unknown name fails here, not at the first image
         if not possible_resolutions:  # None or empty: every grid of at most max_num_tiles tiles, as torchtune
             possible_resolutions = find_supported_resolutions(max_num_tiles=max_num_tiles, tile_size=tile_size)
         self.possible_resolutions = torch.tensor(possible_resolutions).reshape(-1, 2)
@@ -108,7 +107,7 @@ class CLIPImageTransform:
         self.image_std = image_std
         self.tile_size = tile_size
         self.dtype = dtype
-        self.resample = resample
+        self.resample = interpolation_mode(resample)  # as torchtune: the enum; an unknown name fails here
         self.resize_to_max_canvas = resize_to_max_canvas
 
     def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
