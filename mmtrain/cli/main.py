@@ -25,6 +25,7 @@ VERBS = {
 }
 
 LAUNCHER_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint", "max_restarts")
+_LAUNCHER_FLAGS = tuple("--" + name.replace("_", "-") for name in LAUNCHER_OPTIONS)
 
 OVERRIDE_HELP = ("Hydra overrides: key=value, +new.key=value, ++key=value, ~key, group=option "
                  "(e.g. optimizer.lr=3e-4 model/attention=local)")
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     from mmtrain.config._entry import exit_with, is_rank_process
 
     if argv is None and is_rank_process():
+        exit_with(lambda: _main(sys.argv[1:]), rank_process=True)
+    if argv is None and any(arg.split("=", 1)[0] in _LAUNCHER_FLAGS for arg in sys.argv[1:]):
+        # The launcher's torchrun threads can abort interpreter finalization after Ctrl-C the same way a rank's
+        # gloo threads do ("terminate called without an active exception"): leave as a rank does.
         exit_with(lambda: _main(sys.argv[1:]), rank_process=True)
     return _main(list(sys.argv[1:] if argv is None else argv))
 
@@ -373,9 +378,16 @@ def _launch_distributed(args, launcher: dict, debug: bool) -> int:
         for name in list(logging.root.manager.loggerDict):
             if name.startswith("torch.distributed"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     try:
         with output_dir_lock(OmegaConf.select(cfg, "output_dir", throw_on_resolution_failure=False)):
             torchrun.run(parsed)
+    except SignalException as e:  # Ctrl-C or a kill: the workers were stopped; say so once
+        if debug:
+            raise
+        print(f"interrupted ({e.sigval.name})", file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = {rank: failure.exitcode for rank, failure in sorted(e.failures.items())}
         if 2 in codes.values():

@@ -66,6 +66,12 @@ def run_recipe_main(main, recipe_file: str | os.PathLike, argv: list[str], prog:
             raise
         print_error(one_line(e))
         return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank of a launch: one quiet line from rank 0
+        if debug_requested(args.debug):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -101,3 +101,28 @@ def test_kill_mid_checkpoint_write_then_rerun_resumes_from_previous(uninterrupte
     assert f"resumed from {checkpoints / 'step_00000004'} (step 4)" in rerun.stdout
     assert not list(checkpoints.glob(".tmp_*"))
     _assert_same_as(out, uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", [[], ["--nproc-per-node", "2"]], ids=["one-process", "two-ranks"])
+def test_ctrl_c_ends_a_run_with_one_line_and_status_130(tmp_path, launch):
+    """Ctrl-C reaches every process of the group: each rank stops, rank 0 and the launcher say so once each, no
+    tracebacks, exit status 130, and the checkpoints written so far stay."""
+    out = tmp_path / "run"
+    command = _command(out) + launch + ["max_steps=100000", "checkpoint.every_n_steps=2"]
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not _complete(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "terminate called" not in err, err
+    assert err.count("interrupted") == (2 if launch else 1), err
+    assert _complete(out)
