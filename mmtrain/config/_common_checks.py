@@ -8,6 +8,7 @@ traceback mid-run (a deleted ``~optimizer``, ``seed=${output_dir}``) or a silent
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -33,7 +34,7 @@ def check_common_keys(cfg: DictConfig, report: Any, *, required: Iterable[str] =
                       components: Iterable[str] = (), optional_components: Iterable[str] = ()) -> None:
     """``required`` keys must be present, ``components`` must be built from a ``_target_`` and so must
     ``optional_components`` where given (not null); ``seed``, ``clip_grad_norm``, ``num_workers``, ``device``,
-    ``resume``, ``output_dir`` and ``eval.batch_size`` must make sense where given."""
+    ``resume``, ``dataset.path``, ``output_dir`` and ``eval.batch_size`` must make sense where given."""
     components, optional_components = tuple(components), tuple(optional_components)
     for key in (*components, *optional_components, *required):
         node = OmegaConf.select(cfg, key, default=_MISSING, throw_on_resolution_failure=False)
@@ -63,11 +64,12 @@ def check_common_keys(cfg: DictConfig, report: Any, *, required: Iterable[str] =
     resume = _value(cfg, "resume", report)
     if resume is not _MISSING and resume not in (None, False) and str(resume).lower() not in (
             "auto", "none", "null", "false", ""):
-        from pathlib import Path
-
         if not Path(str(resume)).expanduser().exists():
             report.error("resume", f"{resume}: no such checkpoint folder (auto, none, a checkpoint folder or a run's "
                          "output_dir)")
+    data_path = _value(cfg, "dataset.path", report)
+    if isinstance(data_path, str) and data_path and not Path(data_path).expanduser().exists():
+        report.error("dataset.path", f"{data_path} does not exist")
     output_dir = _value(cfg, "output_dir", report)
     if output_dir is not _MISSING and (not isinstance(output_dir, str) or not output_dir.strip()):
         report.error("output_dir", f"must be a folder path, got {output_dir!r}")

@@ -226,3 +226,12 @@ def test_stray_launcher_environment_is_one_line(contrastive, one_line, monkeypat
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     one_line(contrastive(), expected, "--nproc-per-node")
+
+
+def test_validate_reports_a_missing_data_folder_and_resume_path(cli, tmp_path):
+    """`validate` said ok for both; `run` failed later."""
+    result = cli(["validate", "contrastive", "--config", "align_tiny", "dataset=image_folder",
+                  f"dataset.path={tmp_path / 'nowhere'}", f"resume={tmp_path / 'no_run'}"])
+    assert result.status == 2 and "Traceback" not in result.err
+    assert any("dataset.path" in line and "does not exist" in line for line in result.lines), result.err
+    assert any("key 'resume'" in line and "no such checkpoint folder" in line for line in result.lines), result.err
