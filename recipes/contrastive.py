@@ -35,9 +35,9 @@ from mmtrain.errors import ConfigError
 from mmtrain.modules.attention.multi_head import apply_fused_qkv_setting
 from mmtrain.modules.attention.sdpa_backend import SDPA_BACKENDS, sdpa_backend, sdpa_backend_order
 from mmtrain.training import distributed as D
-from mmtrain.training.checkpoint import CheckpointManager, export_model
+from mmtrain.training.checkpoint import CheckpointManager, export_model, exported_step
 from mmtrain.training.cuda_graph import GraphedStep
-from mmtrain.training.metrics import MetricLogger
+from mmtrain.training.metrics import MetricLogger, read_metrics
 from mmtrain.training.nonfinite import NonFiniteGuard
 from mmtrain.training.retrieval import caption_ids_from_tokens, gather_eval_outputs, retrieval_metrics
 from mmtrain.training.throughput import count_flops, measure_peak_flops, mfu
@@ -535,7 +535,7 @@ class ContrastiveRecipe:
         return path
 
     def export(self) -> Path:
-        return export_model(self.inner.model, self.output_dir / "model", self.cfg)
+        return export_model(self.inner.model, self.output_dir / "model", self.cfg, step=self.step)
 
     def cleanup(self) -> None:
         if hasattr(self, "logger"):
@@ -543,8 +543,33 @@ class ContrastiveRecipe:
         D.destroy()
 
     # ------------------------------------------------------------------------------------------------- run
+    def already_complete(self) -> dict[str, Any] | None:
+        """The summary of this output_dir's finished run when it was resumed with nothing left to do (trained to
+        max_steps, evaluated and exported at that step), so a rerun does not evaluate and export it again."""
+        if self.step < self.max_steps or exported_step(self.output_dir / "model") != self.step:
+            return None
+        records = read_metrics(self.logger.jsonl_path) if self.logger.jsonl_path.exists() else []
+        losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
+        final_eval = {}
+        for record in records:
+            if record.get("step") == self.step and any(k.startswith("val/") for k in record):
+                final_eval = {k: v for k, v in record.items() if k.startswith("val/")}
+        self.logger.print(f"already complete: trained to step {self.step} (max_steps {self.max_steps}), evaluated "
+                          f"and exported to {self.output_dir / 'model'}; resume=none starts over, a larger "
+                          "max_steps trains on")
+        return {"steps": self.step, "time_s": round(time.perf_counter() - self.start_time, 2),
+                "final_loss": losses[-1] if losses else None, **final_eval,
+                "nonfinite_steps": self.guard.skipped, "skipped_images": 0, "output_dir": str(self.output_dir),
+                "export_dir": str(self.output_dir / "model"), "metrics_jsonl": str(self.logger.jsonl_path),
+                "metrics_png": str(self.logger.png_path) if self.logger.png_path.exists() else None,
+                "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "already_complete": True}
+
     def run(self) -> dict[str, Any]:
         self.setup()
+        done = self.already_complete()
+        if done is not None:
+            return done
         self.train()
         final_eval = self.evaluate()
         export_dir = self.export()

@@ -191,7 +191,7 @@ def evaluate_answers(model, dataset, tokenizer, *, device, batch_size: int, max_
 def main(cfg: DictConfig) -> dict:
     from mmtrain.data.collate import padded_collate_tiled_images_and_mask
     from mmtrain.models.llama3_2_vision._memory import count_parameters
-    from mmtrain.training.checkpoint import CheckpointManager, export_model
+    from mmtrain.training.checkpoint import CheckpointManager, export_model, exported_step
     from mmtrain.training.distributed import (
         all_reduce_mean,
         apply_activation_checkpointing,
@@ -203,7 +203,7 @@ def main(cfg: DictConfig) -> dict:
         unwrap_model,
         wrap_model,
     )
-    from mmtrain.training.metrics import MetricLogger
+    from mmtrain.training.metrics import MetricLogger, read_metrics
 
     t_start = time.perf_counter()
     check_tiling(cfg)
@@ -285,9 +285,28 @@ def main(cfg: DictConfig) -> dict:
         state = ckpt.load(resume_path, model, optimizer, scheduler)
         start_step = int(state["step"])
         guard.load_state_dict(state)
+        logger.forget_after(start_step)
     logger.print(f"vlm_finetune: {total_params:,} parameters, {trainable_params:,} trainable; {len(train_ds)} "
                  f"train / {len(val_ds)} validation samples; {world} process(es), {strategy}, {precision}, "
                  f"device {device}" + (f"; resumed at step {start_step}" if start_step else ""))
+
+    if start_step >= max_steps and exported_step(Path(output_dir) / "model") == start_step:
+        # A rerun of a finished run: it was trained, evaluated and exported at this step already.
+        records = read_metrics(logger.jsonl_path) if logger.jsonl_path.exists() else []
+        losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
+        final_eval = {}
+        for record in records:
+            if record.get("step") == start_step and any(k.startswith("val/") for k in record):
+                final_eval = {k: v for k, v in record.items() if k.startswith("val/")}
+        logger.print(f"already complete: trained to step {start_step} (max_steps {max_steps}), evaluated and "
+                     f"exported to {Path(output_dir) / 'model'}; resume=none starts over, a larger max_steps "
+                     "trains on")
+        logger.close()
+        destroy()
+        return {"steps": start_step, "loss": losses[-1] if losses else float("nan"), **final_eval,
+                "nonfinite_steps": guard.skipped, "parameters": total_params,
+                "trainable_parameters": trainable_params, "time_s": round(time.perf_counter() - t_start, 1),
+                "output_dir": output_dir, "export_dir": str(Path(output_dir) / "model"), "already_complete": True}
 
     eval_cfg = cfg.get("eval", {}) or {}
     eval_every = int(eval_cfg.get("every_n_steps", 0) or 0)
@@ -360,15 +379,17 @@ def main(cfg: DictConfig) -> dict:
         if ckpt_every and step % ckpt_every == 0 and step != max_steps and not guard.consecutive:
             ckpt.save(step, model, optimizer, scheduler, guard.state_dict())
 
+    final_step = max(max_steps, start_step)  # a checkpoint past max_steps is evaluated at its own step
     if max_steps > start_step or not last_eval:
-        last_eval = run_eval(max_steps)
+        last_eval = run_eval(final_step)
     # checkpoint.every_n_steps 0 / null: no checkpoint at all, as in the contrastive recipe (benchmark runs).
     if ckpt_every and max_steps > start_step and not guard.consecutive:
         ckpt.save(max_steps, model, optimizer, scheduler, guard.state_dict())
     # Consolidated weights (torchtune's key names) + the run config; collective under FSDP, rank 0 writes.
-    export_dir = export_model(inner, Path(output_dir) / "model", cfg) if cfg.get("export", True) else None
+    export_dir = (export_model(inner, Path(output_dir) / "model", cfg, step=final_step)
+                  if cfg.get("export", True) else None)
     logger.close()
-    summary = {"steps": max_steps, "loss": last_loss, **last_eval, "nonfinite_steps": guard.skipped,
+    summary = {"steps": final_step, "loss": last_loss, **last_eval, "nonfinite_steps": guard.skipped,
                "parameters": total_params,
                "trainable_parameters": trainable_params, "time_s": round(time.perf_counter() - t_start, 1),
                "output_dir": output_dir, "export_dir": export_dir and str(export_dir)}
@@ -376,7 +397,7 @@ def main(cfg: DictConfig) -> dict:
     if device.type == "cuda":
         summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         peak = f" | peak {summary['peak_mem_gib']:.1f} GiB/GPU"
-    logger.print(f"summary: {max_steps} steps | loss {last_loss:.4f} | val/answer_acc "
+    logger.print(f"summary: {final_step} steps | loss {last_loss:.4f} | val/answer_acc "
                  f"{last_eval.get('val/answer_acc', float('nan')):.3f} | {summary['time_s']}s{peak} | {output_dir}")
     destroy()
     return summary

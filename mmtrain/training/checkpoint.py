@@ -567,10 +567,15 @@ def _describe(error: BaseException | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------ export
-def export_model(model: torch.nn.Module, directory: str | os.PathLike, config: Any = None) -> Path:
+_EXPORT_STEP_PREFIX = "# exported by mmtrain at step "
+
+
+def export_model(model: torch.nn.Module, directory: str | os.PathLike, config: Any = None,
+                 step: int | None = None) -> Path:
     """Write the final weights: ``save_pretrained`` where the model has it (ALIGN), else ``model.safetensors``.
 
-    ``config`` (a DictConfig or dict: the run config) is written next to them as ``config.yaml``. Collective
+    ``config`` (a DictConfig or dict: the run config) is written next to them as ``config.yaml``, headed by a
+    comment with ``step`` when given (read back by ``exported_step``; the file stays a usable config). Collective
     under FSDP (full state dict gathered to rank 0); only rank 0 writes. Written to a temporary folder and
     renamed, so an existing export is replaced only by a complete one.
     """
@@ -594,9 +599,25 @@ def export_model(model: torch.nn.Module, directory: str | os.PathLike, config: A
         if config is not None:
             text = OmegaConf.to_yaml(config, resolve=True) if OmegaConf.is_config(config) else (
                 OmegaConf.to_yaml(OmegaConf.create(config)))
-            (tmp / "config.yaml").write_text(text)
+            header = f"{_EXPORT_STEP_PREFIX}{int(step)}\n" if step is not None else ""
+            (tmp / "config.yaml").write_text(header + text)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
     _barrier()
     return directory
+
+
+def exported_step(directory: str | os.PathLike) -> int | None:
+    """The training step of a complete export written by ``export_model(..., step=)``, else None."""
+    try:
+        with open(Path(directory) / "config.yaml") as f:
+            first = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not first.startswith(_EXPORT_STEP_PREFIX):
+        return None
+    try:
+        return int(first[len(_EXPORT_STEP_PREFIX):])
+    except ValueError:
+        return None

@@ -61,6 +61,8 @@ class MetricLogger:
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if start_step > 0:
+            self.forget_after(start_step)
         self._jsonl = open(self.jsonl_path, "a", buffering=1)
         if wandb:
             self._wandb_run = _init_wandb(wandb, self.output_dir, run_config)
@@ -76,6 +78,24 @@ class MetricLogger:
             # disable=None: the bar shows on a terminal and stays out of captured logs.
             self._bar = tqdm(total=total_steps, initial=start_step, disable=None, dynamic_ncols=True,
                              leave=False, file=sys.stderr)
+
+    def forget_after(self, step: int) -> None:
+        """Drop the rows of steps after ``step`` from ``metrics.jsonl``: a run resumed at ``step`` logs them again
+        (a resumed run repeats the interrupted one), and the file and its plot should hold each step once."""
+        if not self.enabled or not self.jsonl_path.exists():
+            return
+        kept = [r for r in read_metrics(self.jsonl_path) if not isinstance(r.get("step"), int) or r["step"] <= step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        if text == self.jsonl_path.read_text(errors="replace"):
+            return  # (a line cut by a killed run is dropped too, so the next row starts a line of its own)
+        reopen = hasattr(self, "_jsonl") and not self._jsonl.closed
+        if reopen:
+            self._jsonl.close()
+        tmp = self.jsonl_path.with_name(self.jsonl_path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.jsonl_path)
+        if reopen:
+            self._jsonl = open(self.jsonl_path, "a", buffering=1)
 
     def log(self, step: int, metrics: Mapping[str, Any], *, echo: bool = True, prefix: str = "") -> None:
         """Record one event at ``step``; ``echo`` also prints a line (``prefix`` e.g. ``"eval"``)."""

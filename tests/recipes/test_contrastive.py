@@ -96,6 +96,9 @@ def test_resume_continues_bit_identically(tmp_path, monkeypatch):
     expected, resumed = _losses(straight), _losses(interrupted)
     for step in (4, 5, 6):
         assert resumed[step] == expected[step]
+    # step 4 was logged before the kill and again after the resume at 3: the file holds each step once
+    assert [e["step"] for e in _events(interrupted) if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in _events(interrupted) if "val/zero_shot_acc" in e] == [3, 6]
     from safetensors.torch import load_file
 
     a = load_file(str(straight / "model" / "model.safetensors"))
@@ -103,6 +106,27 @@ def test_resume_continues_bit_identically(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_rerun_of_a_finished_run_neither_evaluates_nor_exports_again(tmp_path, capsys):
+    recipe = _recipe()
+    first = recipe.main(tiny_cfg(tmp_path))
+    metrics_before = (tmp_path / "metrics.jsonl").read_text()
+    weights = tmp_path / "model" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    assert (tmp_path / "model" / "config.yaml").read_text().startswith("# exported by mmtrain at step 6\n")
+
+    again = recipe.main(tiny_cfg(tmp_path))
+    assert again["already_complete"] and again["steps"] == 6
+    assert again["val/zero_shot_acc"] == first["val/zero_shot_acc"]
+    assert again["final_loss"] == _losses(tmp_path)[6]
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics_before
+    assert weights.stat().st_mtime_ns == written
+    assert "already complete: trained to step 6 (max_steps 6)" in capsys.readouterr().out
+
+    more = recipe.main(tiny_cfg(tmp_path, max_steps=7))  # a larger max_steps trains on
+    assert more["steps"] == 7 and "already_complete" not in more
+    assert sorted(_losses(tmp_path)) == list(range(1, 8))
 
 
 def _nan_after(recipe, monkeypatch, first_bad_call):

@@ -83,3 +83,17 @@ def test_export_false_writes_no_model_folder(tmp_path) -> None:
     assert main(["run", "vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={out}", "max_steps=1",
                  "export=false", "checkpoint.every_n_steps=0", *TINY]) == 0
     assert (out / "metrics.jsonl").is_file() and not (out / "model").exists()
+
+
+def test_rerun_of_a_finished_run_says_so_and_writes_nothing(tmp_path) -> None:
+    from mmtrain.cli.main import main
+
+    out = tmp_path / "run"
+    args = ["run", "vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={out}", "max_steps=2",
+            "checkpoint.every_n_steps=2", *TINY]
+    assert main(args) == 0
+    metrics_before = (out / "metrics.jsonl").read_text()
+    written = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "metrics.jsonl").read_text() == metrics_before
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == written

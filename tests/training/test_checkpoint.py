@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mmtrain.errors import CheckpointError
-from mmtrain.training.checkpoint import CheckpointManager, export_model, verify_checkpoint
+from mmtrain.training.checkpoint import CheckpointManager, export_model, exported_step, verify_checkpoint
 from mmtrain.training.schedules import warmup_cosine
 
 
@@ -159,3 +159,11 @@ def test_export_safetensors_and_config(tmp_path):
     assert torch.equal(weights["0.weight"], model[0].weight)
     assert "seed: 3" in (out / "config.yaml").read_text()
     assert json.loads(json.dumps(sorted(weights))) == sorted(model.state_dict())
+    assert exported_step(out) is None  # no step given
+
+    out = export_model(model, tmp_path / "model", {"seed": 3}, step=12)
+    assert exported_step(out) == 12
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.to_container(OmegaConf.load(out / "config.yaml")) == {"seed": 3}  # still a config
+    assert exported_step(tmp_path / "nowhere") is None
