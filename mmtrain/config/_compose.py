@@ -122,6 +122,17 @@ class _Override:
                                     or self.is_group or parsed.is_sweep_override())
 
 
+def _quoting_hint(text: str) -> str:
+    """How to pass an unparsable value as text: Hydra's grammar takes only some characters unquoted (no accented
+    letters, brackets or spaces), any inside quotes."""
+    key, sep, value = text.partition("=")
+    if not sep or not value or value[0] in "'\"" or not re.fullmatch(r"[+~]{0,2}[\w.@/-]+", key):
+        return ""
+    if any(c in value for c in "'\"$`\\!"):
+        return ""  # no shell spelling of the hint that is short and right
+    return f"; to pass the value as text, quote it inside the argument: \"{key}='{value}'\""
+
+
 def _parse_overrides(overrides: list[str], where: str, dirs: list[Path]) -> list[_Override]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -136,7 +147,7 @@ def _parse_overrides(overrides: list[str], where: str, dirs: list[Path]) -> list
         except OverrideParseException as e:
             first = str(e).splitlines()[0] if str(e) else "invalid syntax"
             raise ConfigError(f"{where}: override '{text}': cannot parse ({first}); forms: key=value, +new.key=value, "
-                              "++key=value, ~key, group=option") from e
+                              f"++key=value, ~key, group=option{_quoting_hint(text)}") from e
         result.append(_Override(text, parsed, dirs))
     return result
 
@@ -160,6 +171,18 @@ def _missing_config_error(message: str, where: str, overrides: list[_Override], 
     return ConfigError(f"{where}: defaults list{owner}: no config '{option}' in group '{group}'{hint}")
 
 
+def _struct_key_error(e: BaseException) -> str | None:
+    """The full key path of an omegaconf 'not in struct' error behind ``e`` (a key a dict override adds), if any."""
+    from omegaconf.errors import ConfigKeyError
+
+    cause = e.__cause__
+    while cause is not None:
+        if isinstance(cause, ConfigKeyError) and "not in struct" in str(cause) and getattr(cause, "full_key", None):
+            return str(cause.full_key)
+        cause = cause.__cause__
+    return None
+
+
 def _composition_error(e: Exception, where: str, overrides: list[_Override], config_file: Path,
                        dirs: list[Path]) -> ConfigError:
     message = str(e)
@@ -168,6 +191,14 @@ def _composition_error(e: Exception, where: str, overrides: list[_Override], con
         key = could_not.group(1)
         matching = [o for o in overrides if o.key == key]
         text = matching[0].text if matching else key
+        new_key = _struct_key_error(e)
+        if new_key is not None and matching:
+            # A dict merged into an existing node: the node exists, one of the dict's keys does not.
+            known = _keys_without(config_file, [o for o in overrides if o.key != key], dirs, skip=key)
+            value = text.split("=", 1)[1] if "=" in text else text
+            leaf = new_key[len(key) + 1:] if new_key.startswith(key + ".") else new_key
+            return ConfigError(f"{where}: override '{text}': '{key}' has no key '{leaf}'"
+                               f"{_suggest_key(new_key, known)}; use '++{key}={value}' to add keys to it")
         if matching and matching[0].is_group:
             return ConfigError(f"{where}: override '{text}': group '{key}' is not in the config's defaults list; "
                                f"use '+{text}' to add it")

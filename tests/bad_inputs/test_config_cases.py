@@ -18,6 +18,12 @@ OVERRIDE_CASES = [
     pytest.param(["+model.bogus=1"], ["key 'model.bogus'", "unexpected keyword argument 'bogus'"],
                  id="added-key-not-an-argument"),
     pytest.param(["~nothing_here"], ["'~nothing_here'", "does not exist"], id="delete-missing-key"),
+    pytest.param(["eval={batch_sise: 4}"], ["'eval' has no key 'batch_sise'", "did you mean 'eval.batch_size'",
+                                            "'++eval={batch_sise: 4}'"], id="dict-override-new-sub-key"),
+    pytest.param(["optimizer={lr: 1.0, foo: 2}"], ["'optimizer' has no key 'foo'", "'++optimizer={lr: 1.0, foo: 2}'"],
+                 id="dict-override-of-a-group-new-sub-key"),
+    pytest.param(["output_dir=/tmp/café"], ["cannot parse", "quote it inside the argument: \"output_dir='/tmp/café'\""],
+                 id="unquoted-non-ascii-value"),
     pytest.param(["+seed=1"], ["'seed' already exists"], id="add-existing-key"),
     pytest.param(["+x=${nope}"], ["key 'x'", "interpolation", "nope"], id="interpolation-to-missing-key"),
     # wrong types
