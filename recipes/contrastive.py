@@ -35,7 +35,7 @@ from mmtrain.errors import ConfigError
 from mmtrain.modules.attention.multi_head import apply_fused_qkv_setting
 from mmtrain.modules.attention.sdpa_backend import SDPA_BACKENDS, sdpa_backend, sdpa_backend_order
 from mmtrain.training import distributed as D
-from mmtrain.training.checkpoint import CheckpointManager, export_model, exported_step
+from mmtrain.training.checkpoint import CheckpointManager, export_model, finished_and_exported
 from mmtrain.training.cuda_graph import GraphedStep
 from mmtrain.training.metrics import MetricLogger, read_metrics
 from mmtrain.training.nonfinite import NonFiniteGuard
@@ -546,7 +546,7 @@ class ContrastiveRecipe:
     def already_complete(self) -> dict[str, Any] | None:
         """The summary of this output_dir's finished run when it was resumed with nothing left to do (trained to
         max_steps, evaluated and exported at that step), so a rerun does not evaluate and export it again."""
-        if self.step < self.max_steps or exported_step(self.output_dir / "model") != self.step:
+        if not finished_and_exported(self.output_dir / "model", self.step, self.max_steps):
             return None
         records = read_metrics(self.logger.jsonl_path) if self.logger.jsonl_path.exists() else []
         losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]

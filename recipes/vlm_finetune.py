@@ -191,7 +191,7 @@ def evaluate_answers(model, dataset, tokenizer, *, device, batch_size: int, max_
 def main(cfg: DictConfig) -> dict:
     from mmtrain.data.collate import padded_collate_tiled_images_and_mask
     from mmtrain.models.llama3_2_vision._memory import count_parameters
-    from mmtrain.training.checkpoint import CheckpointManager, export_model, exported_step
+    from mmtrain.training.checkpoint import CheckpointManager, export_model, finished_and_exported
     from mmtrain.training.distributed import (
         all_reduce_mean,
         apply_activation_checkpointing,
@@ -290,7 +290,7 @@ def main(cfg: DictConfig) -> dict:
                  f"train / {len(val_ds)} validation samples; {world} process(es), {strategy}, {precision}, "
                  f"device {device}" + (f"; resumed at step {start_step}" if start_step else ""))
 
-    if start_step >= max_steps and exported_step(Path(output_dir) / "model") == start_step:
+    if finished_and_exported(Path(output_dir) / "model", start_step, max_steps):
         # A rerun of a finished run: it was trained, evaluated and exported at this step already.
         records = read_metrics(logger.jsonl_path) if logger.jsonl_path.exists() else []
         losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]

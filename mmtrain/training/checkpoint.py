@@ -608,6 +608,12 @@ def export_model(model: torch.nn.Module, directory: str | os.PathLike, config: A
     return directory
 
 
+def finished_and_exported(directory: str | os.PathLike, step: int, max_steps: int) -> bool:
+    """Whether a run resumed at ``step`` has nothing left to do: ``step >= max_steps`` and ``directory`` holds the
+    export of that step. Collective: True only when every rank sees it, so no rank skips what others still run."""
+    return _all_ranks_ok(step >= max_steps and exported_step(directory) == step)
+
+
 def exported_step(directory: str | os.PathLike) -> int | None:
     """The training step of a complete export written by ``export_model(..., step=)``, else None."""
     try:
