@@ -37,7 +37,7 @@ from mmtrain.modules.attention.sdpa_backend import SDPA_BACKENDS, sdpa_backend, 
 from mmtrain.training import distributed as D
 from mmtrain.training.checkpoint import CheckpointManager, export_model, finished_and_exported
 from mmtrain.training.cuda_graph import GraphedStep
-from mmtrain.training.metrics import MetricLogger, read_metrics
+from mmtrain.training.metrics import MetricLogger, final_values
 from mmtrain.training.nonfinite import NonFiniteGuard
 from mmtrain.training.retrieval import caption_ids_from_tokens, gather_eval_outputs, retrieval_metrics
 from mmtrain.training.throughput import count_flops, measure_peak_flops, mfu
@@ -548,17 +548,12 @@ class ContrastiveRecipe:
         max_steps, evaluated and exported at that step), so a rerun does not evaluate and export it again."""
         if not finished_and_exported(self.output_dir / "model", self.step, self.max_steps):
             return None
-        records = read_metrics(self.logger.jsonl_path) if self.logger.jsonl_path.exists() else []
-        losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
-        final_eval = {}
-        for record in records:
-            if record.get("step") == self.step and any(k.startswith("val/") for k in record):
-                final_eval = {k: v for k, v in record.items() if k.startswith("val/")}
+        final_loss, final_eval = final_values(self.logger.jsonl_path, self.step)
         self.logger.print(f"already complete: trained to step {self.step} (max_steps {self.max_steps}), evaluated "
                           f"and exported to {self.output_dir / 'model'}; resume=none starts over, a larger "
                           "max_steps trains on")
         return {"steps": self.step, "time_s": round(time.perf_counter() - self.start_time, 2),
-                "final_loss": losses[-1] if losses else None, **final_eval,
+                "final_loss": final_loss, **final_eval,
                 "nonfinite_steps": self.guard.skipped, "skipped_images": 0, "output_dir": str(self.output_dir),
                 "export_dir": str(self.output_dir / "model"), "metrics_jsonl": str(self.logger.jsonl_path),
                 "metrics_png": str(self.logger.png_path) if self.logger.png_path.exists() else None,

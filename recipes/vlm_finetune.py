@@ -203,7 +203,7 @@ def main(cfg: DictConfig) -> dict:
         unwrap_model,
         wrap_model,
     )
-    from mmtrain.training.metrics import MetricLogger, read_metrics
+    from mmtrain.training.metrics import MetricLogger, final_values
 
     t_start = time.perf_counter()
     check_tiling(cfg)
@@ -292,18 +292,13 @@ def main(cfg: DictConfig) -> dict:
 
     if finished_and_exported(Path(output_dir) / "model", start_step, max_steps):
         # A rerun of a finished run: it was trained, evaluated and exported at this step already.
-        records = read_metrics(logger.jsonl_path) if logger.jsonl_path.exists() else []
-        losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
-        final_eval = {}
-        for record in records:
-            if record.get("step") == start_step and any(k.startswith("val/") for k in record):
-                final_eval = {k: v for k, v in record.items() if k.startswith("val/")}
+        final_loss, final_eval = final_values(logger.jsonl_path, start_step)
         logger.print(f"already complete: trained to step {start_step} (max_steps {max_steps}), evaluated and "
                      f"exported to {Path(output_dir) / 'model'}; resume=none starts over, a larger max_steps "
                      "trains on")
         logger.close()
         destroy()
-        return {"steps": start_step, "loss": losses[-1] if losses else float("nan"), **final_eval,
+        return {"steps": start_step, "loss": final_loss, **final_eval,
                 "nonfinite_steps": guard.skipped, "parameters": total_params,
                 "trainable_parameters": trainable_params, "time_s": round(time.perf_counter() - t_start, 1),
                 "output_dir": output_dir, "export_dir": str(Path(output_dir) / "model"), "already_complete": True}

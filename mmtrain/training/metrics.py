@@ -200,6 +200,18 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def final_values(path: str | os.PathLike, step: int) -> tuple[float | None, dict[str, Any]]:
+    """From a run's metrics.jsonl: the last logged training loss and the ``val/`` values logged at ``step`` (the
+    final evaluation), for the summary of a run that is already complete."""
+    records = read_metrics(path) if Path(path).exists() else []
+    losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
+    final_eval: dict[str, Any] = {}
+    for record in records:
+        if record.get("step") == step and any(k.startswith("val/") for k in record):
+            final_eval = {k: v for k, v in record.items() if k.startswith("val/")}
+    return (losses[-1] if losses else None), final_eval
+
+
 def plot_metrics(jsonl_path: str | os.PathLike, png_path: str | os.PathLike,
                  eval_keys: tuple[str, ...] = EVAL_CURVES) -> Path | None:
     """Draw ``loss`` (left) and the eval curves (right) from a metrics.jsonl into a PNG; None if nothing to draw."""
