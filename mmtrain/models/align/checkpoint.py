@@ -149,8 +149,38 @@ def load_hf_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source:
                 value.copy_(state[key].to(value.dtype))
 
 
-def load_pretrained(cls: type, directory: str | os.PathLike, config: Any = None, **kwargs: Any) -> nn.Module:
-    """Build ``cls`` from ``directory``'s config.json (unless ``config`` is given) and load its weights."""
+def _dtype_from_name(value: Any, what: str) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        candidate = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(candidate, torch.dtype):
+            return candidate
+    raise ValueError(f"{what} must be a torch.dtype, 'auto' or the name of a torch dtype, got {value!r}")
+
+
+def resolve_load_dtype(dtype: Any, config: Any, state: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype ``from_pretrained`` builds the model in (HF 5.x rules): an explicit dtype (or its name) as given;
+    ``"auto"`` or None: config.json's ``dtype`` (or legacy ``torch_dtype``) entry, else the dtype of the first
+    floating-point tensor in the checkpoint, else the default dtype."""
+    if dtype is not None and dtype != "auto":
+        return _dtype_from_name(dtype, "dtype")
+    extra = getattr(config, "extra", {}) or {}
+    for key in ("dtype", "torch_dtype"):
+        if extra.get(key) is not None:
+            return _dtype_from_name(extra[key], f"config.json's {key}")
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
+def load_pretrained(cls: type, directory: str | os.PathLike, config: Any = None, dtype: Any = None,
+                    torch_dtype: Any = None, **kwargs: Any) -> nn.Module:
+    """Build ``cls`` from ``directory``'s config.json (unless ``config`` is given) and load its weights.
+
+    ``dtype`` (``torch_dtype`` is its older name; ``dtype`` wins when both are given): a ``torch.dtype``, its name,
+    or ``"auto"`` (the default): see ``resolve_load_dtype``. Weights are never rounded through float32 first."""
     from mmtrain.models.align.configuration import (
         AlignConfig,
         AlignTextConfig,
@@ -168,7 +198,8 @@ def load_pretrained(cls: type, directory: str | os.PathLike, config: Any = None,
     if cls is AlignTextModel and "add_pooling_layer" not in kwargs:
         stripped = _strip_to_model(state, AlignTextModel.__new__(AlignTextModel))
         kwargs["add_pooling_layer"] = any(k.startswith("pooler.") for k in stripped)
-    model = cls(config, **kwargs)
+    target = resolve_load_dtype(dtype if dtype is not None else torch_dtype, config, state)
+    model = cls(config, **kwargs).to(target)  # .to(dtype) leaves integer buffers (num_batches_tracked) alone
     load_hf_state_dict(model, state, source)
     return model
 
@@ -189,8 +220,16 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, safe_seriali
     state = {k: v.detach().contiguous().cpu() for k, v in internal_to_hf(weights).items()}
     config_path = os.path.join(directory, "config.json")
     tmp = config_path + ".tmp"
+    text = model.config.to_json_string()
+    floating = next((v.dtype for v in weights.values() if v.is_floating_point()), None)
+    if floating is not None:
+        # HF records the weights' dtype, and "auto" loading (ours and HF's) reads it back before the weights
+        saved = json.loads(text)
+        saved.pop("torch_dtype", None)
+        saved["dtype"] = str(floating).removeprefix("torch.")
+        text = json.dumps(saved, indent=2, sort_keys=True) + "\n"
     with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(model.config.to_json_string())
+        handle.write(text)
     os.replace(tmp, config_path)
     name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
     path = os.path.join(directory, name)

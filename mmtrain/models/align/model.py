@@ -160,7 +160,9 @@ class AlignModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, config: AlignConfig | None = None, **kwargs: Any) -> AlignModel:
         """Load an HF-layout folder: config.json + model.safetensors (or pytorch_model.bin, read with
-        ``weights_only=True``). ``kwargs`` (e.g. ``attention``) go to the constructor."""
+        ``weights_only=True``). ``dtype`` (or its older name ``torch_dtype``): a ``torch.dtype``, its name, or
+        ``"auto"`` (the default: config.json's ``dtype``, else the checkpoint's own), as in HF 5.x; other ``kwargs``
+        (e.g. ``attention``) go to the constructor."""
         from mmtrain.models.align.checkpoint import load_pretrained
 
         return load_pretrained(cls, directory, config=config, **kwargs)

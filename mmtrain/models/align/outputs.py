@@ -1,9 +1,15 @@
-"""Output containers shaped like HF transformers' ``ModelOutput``: attribute access, ``out["name"]`` and
-``out[i]`` over the fields that are not None, and ``to_tuple()``.
+"""Output containers that behave like HF transformers' ``ModelOutput``: an ordered mapping of the fields that are
+not None (``keys()``/``values()``/``items()``, ``"name" in out``, ``len(out)``, iteration over the names,
+``out["name"]`` raising ``KeyError`` for a field that is None), ``out[i]``/``out[a:b]`` over the same fields,
+``to_tuple()``, and attribute access to every field.
+
+They stay plain dataclasses (not dict subclasses), so ``torch.compile`` traces their construction like any
+dataclass.
 """
 
 from __future__ import annotations
 
+from collections.abc import ItemsView, Iterator, KeysView, ValuesView
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -11,19 +17,43 @@ import torch
 
 
 class ModelOutput:
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)  # type: ignore[arg-type]
+    def _present(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)  # type: ignore[arg-type]
+                if getattr(self, f.name) is not None}
 
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]  # type: ignore[arg-type]
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(self._present().values())
+
+    def keys(self) -> KeysView[str]:
+        return self._present().keys()
+
+    def values(self) -> ValuesView[Any]:
+        return self._present().values()
+
+    def items(self) -> ItemsView[str, Any]:
+        return self._present().items()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._present().get(key, default)
 
     def __getitem__(self, key: int | str | slice) -> Any:
         if isinstance(key, str):
-            return getattr(self, key)
+            return self._present()[key]
         return self.to_tuple()[key]
 
-    def __iter__(self):
-        return iter(self.to_tuple())
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in {f.name for f in fields(self)}:  # type: ignore[arg-type]
+            raise KeyError(f"{type(self).__name__} has no field {key!r}")
+        setattr(self, key, value)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._present()
+
+    def __len__(self) -> int:
+        return len(self._present())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._present())
 
 
 @dataclass
@@ -66,7 +96,10 @@ class BaseModelOutputWithPoolingAndNoAttention(ModelOutput):
 class AlignOutput(ModelOutput):
     """``loss`` 0-dim (with ``return_loss``), ``logits_per_image (B_img, B_txt)``, ``logits_per_text
     (B_txt, B_img)``, ``text_embeds (B_txt, P)`` and ``image_embeds (B_img, P)`` (L2-normalized), and the
-    towers' outputs."""
+    towers' outputs.
+
+    ``to_tuple()`` and ``out[i]`` give the towers' outputs as tuples too (HF's rule, so that the tuple form holds
+    no output objects); ``values()``/``out["text_model_output"]`` give the objects themselves."""
 
     loss: torch.Tensor | None = None
     logits_per_image: torch.Tensor | None = None
@@ -75,3 +108,6 @@ class AlignOutput(ModelOutput):
     image_embeds: torch.Tensor | None = None
     text_model_output: BaseModelOutputWithPoolingAndCrossAttentions | tuple | None = None
     vision_model_output: BaseModelOutputWithPoolingAndNoAttention | tuple | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in self.values())

@@ -119,12 +119,30 @@ class AlignTextAttention(nn.Module):
         """x (B, L, H), key_padding_mask bool (B, L) True keeps, head_mask broadcastable to (B, heads, L, L)
         -> ((B, L, H), probabilities (B, heads, L, L) when ``output_attentions`` else None)."""
         if head_mask is None and not output_attentions and self.position_embedding_type == "absolute":
-            return self.norm(x + self.dropout(self.attn(x, key_padding_mask=key_padding_mask))), None
+            return self.norm(x + self.dropout(self.attn(x, **self._fused_mask(x, key_padding_mask)))), None
         if head_mask is not None or output_attentions:
             self._require_dense("head_mask / output_attentions")
         context, probs = self._plain_attention(x, key_padding_mask, head_mask)
         out = self.norm(x + self.dropout(self.attn.output_proj(context)))
         return out, probs if output_attentions else None
+
+    def _fused_mask(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The padding mask as the fused call takes it.
+
+        Dense attention gets an additive (B, 1, 1, L) mask holding finfo.min at padded keys, as HF adds: a boolean
+        mask would make SDPA return zeros for a row whose keys are all padded, where HF's softmax is uniform over
+        all keys. Other mechanisms take the boolean mask."""
+        if key_padding_mask is None:
+            return {}
+        mechanism = self.attn.attention
+        if type(mechanism) is not ScaledDotProduct or mechanism.causal:
+            return {"key_padding_mask": key_padding_mask}
+        device_type = x.device.type
+        # under autocast the scores are in the autocast dtype, whose finfo.min must be used (fp16's float32 min is -inf)
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        bias = torch.zeros(key_padding_mask.shape, dtype=dtype, device=x.device)
+        bias = bias.masked_fill(~key_padding_mask, torch.finfo(dtype).min)
+        return {"mask": bias[:, None, None, :]}
 
     def _plain_attention(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
                          head_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,7 +339,8 @@ class AlignTextModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, config: AlignTextConfig | None = None, **kwargs) -> AlignTextModel:
         """Load an HF-layout folder holding an ``AlignModel``, ``AlignTextModel`` or plain BERT checkpoint
-        (e.g. MiniLM). ``kwargs`` (``attention``, ``add_pooling_layer``) go to the constructor."""
+        (e.g. MiniLM). ``dtype``/``torch_dtype`` as in ``AlignModel.from_pretrained``; other ``kwargs``
+        (``attention``, ``add_pooling_layer``) go to the constructor."""
         from mmtrain.models.align.checkpoint import load_pretrained
 
         return load_pretrained(cls, directory, config=config, **kwargs)

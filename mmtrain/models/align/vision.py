@@ -281,7 +281,8 @@ class AlignVisionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, config: AlignVisionConfig | None = None, **kwargs) -> AlignVisionModel:
-        """Load an HF-layout folder holding an ``AlignModel`` or ``AlignVisionModel`` checkpoint."""
+        """Load an HF-layout folder holding an ``AlignModel`` or ``AlignVisionModel`` checkpoint; ``dtype``/
+        ``torch_dtype`` as in ``AlignModel.from_pretrained``."""
         from mmtrain.models.align.checkpoint import load_pretrained
 
         return load_pretrained(cls, directory, config=config, **kwargs)

@@ -239,7 +239,7 @@ def test_text_model_returns_pooling_and_cross_attentions_output():
         as_tuple = model(**inputs, output_hidden_states=True, output_attentions=True, return_dict=False)
     assert isinstance(out, BaseModelOutputWithPoolingAndCrossAttentions)
     assert out.past_key_values is None and out.cross_attentions is None
-    assert out.keys() == ["last_hidden_state", "pooler_output", "hidden_states", "attentions"]
+    assert list(out.keys()) == ["last_hidden_state", "pooler_output", "hidden_states", "attentions"]
     assert len(out.hidden_states) == 3 and len(out.attentions) == 2
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 4
     torch.testing.assert_close(as_tuple[0], out[0])

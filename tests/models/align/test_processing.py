@@ -41,7 +41,7 @@ def test_processor_matches_hf(tmp_path):
         (tmp_path / name).write_bytes((_tokenizer_dir() / name).read_bytes())
     ours = AlignProcessor.from_pretrained(tmp_path)
     images = [_image(), _image(61, 45)]
-    a = ours(text=TEXTS, images=images, return_tensors="pt")
+    a = ours(text=TEXTS, images=images, return_tensors="pt", max_length=64)
     b = hf(text=TEXTS, images=images, return_tensors="pt", padding="max_length", max_length=64)
     for key in ("input_ids", "token_type_ids", "attention_mask"):
         torch.testing.assert_close(a[key], b[key])
@@ -67,10 +67,10 @@ def test_tokenizer_from_vocab_only_and_errors(tmp_path):
     (tmp_path / "vocab.txt").write_bytes((_tokenizer_dir() / "vocab.txt").read_bytes())
     from_vocab = BertTokenizer.from_pretrained(tmp_path)
     from_json = BertTokenizer.from_pretrained(_tokenizer_dir())
-    a = from_vocab(TEXTS, padding="longest")
-    b = from_json(TEXTS, padding="longest")
+    a = from_vocab(TEXTS, padding="longest", return_tensors="pt")
+    b = from_json(TEXTS, padding="longest", return_tensors="pt")
     torch.testing.assert_close(a["input_ids"], b["input_ids"])
-    long = from_json("word " * 100, max_length=10)
+    long = from_json("word " * 100, max_length=10, return_tensors="pt")
     assert long["input_ids"].shape == (1, 10) and long["input_ids"][0, -1].item() == 102  # ends with [SEP]
     with pytest.raises(CheckpointError, match="no tokenizer.json or vocab.txt"):
         BertTokenizer.from_pretrained(tmp_path / "missing")

@@ -75,8 +75,8 @@ def test_round_trip_writes_hf_layout_and_reads_back_identically(tmp_path, do_low
     loaded = AlignProcessor.from_pretrained(tmp_path / "saved")
     assert vars(loaded.image_processor) == vars(ours.image_processor)
     assert loaded.tokenizer.do_lower_case is do_lower_case and loaded.tokenizer.model_max_length == 128
-    a = ours(text=TEXTS, images=_images())
-    b = loaded(text=TEXTS, images=_images())
+    a = ours(text=TEXTS, images=_images(), return_tensors="pt")
+    b = loaded(text=TEXTS, images=_images(), return_tensors="pt")
     _assert_same(a, b)
     assert a["pixel_values"].shape == (2, 3, 32, 30) and a["input_ids"].shape == (3, 64)
     # cased vocab: "Red" is its own token only when the text is not lowercased
@@ -90,7 +90,7 @@ def test_saved_settings_are_applied_float64_reference(tmp_path):
     _processor(tmp_path).save_pretrained(tmp_path / "saved")
     image_processor = EfficientNetImageProcessor.from_pretrained(tmp_path / "saved")
     level = 200  # a flat image stays flat through resize and crop, so the value is the rescale/normalize chain
-    pixels = image_processor(Image.new("RGB", (70, 50), (level, level, level)))["pixel_values"]
+    pixels = image_processor(Image.new("RGB", (70, 50), (level, level, level)), return_tensors="pt")["pixel_values"]
     mean = torch.tensor(IMAGE_SETTINGS["image_mean"], dtype=torch.float64)
     std = torch.tensor(IMAGE_SETTINGS["image_std"], dtype=torch.float64)
     expected = ((level / 255 - mean) / std) / std  # include_top divides by std once more
@@ -106,7 +106,7 @@ def test_hf_reads_our_folder(tmp_path):
     hf = HFAlignProcessor.from_pretrained(tmp_path / "saved")
     assert type(hf.image_processor).__name__.startswith("EfficientNetImageProcessor")
     assert hf.image_processor.include_top is True and hf.image_processor.resample == 3
-    a = ours(text=TEXTS, images=_images())
+    a = ours(text=TEXTS, images=_images(), return_tensors="pt", truncation=True)
     b = hf(text=TEXTS, images=_images(), return_tensors="pt", padding="max_length", max_length=64, truncation=True)
     _assert_same(a, b, atol=1e-5)
 
@@ -122,7 +122,7 @@ def test_we_read_hf_saved_folder(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     ours = AlignProcessor.from_pretrained(tmp_path / "hf")
     assert ours.image_processor.size == {"height": 36, "width": 34} and ours.image_processor.rescale_offset is True
-    a = ours(text=TEXTS, images=_images())
+    a = ours(text=TEXTS, images=_images(), return_tensors="pt", truncation=True)
     b = hf(text=TEXTS, images=_images(), return_tensors="pt", padding="max_length", max_length=64, truncation=True)
     _assert_same(a, b, atol=1e-5)
     assert a["pixel_values"].min() >= -1 and a["pixel_values"].max() <= 1  # align-base: x / 127.5 - 1
