@@ -35,7 +35,12 @@ from mmtrain.errors import ConfigError
 from mmtrain.modules.attention.multi_head import apply_fused_qkv_setting
 from mmtrain.modules.attention.sdpa_backend import SDPA_BACKENDS, sdpa_backend, sdpa_backend_order
 from mmtrain.training import distributed as D
-from mmtrain.training.checkpoint import CheckpointManager, export_model, finished_and_exported
+from mmtrain.training.checkpoint import (
+    CheckpointManager,
+    export_model,
+    finished_and_exported,
+    set_aside_earlier_run,
+)
 from mmtrain.training.cuda_graph import GraphedStep
 from mmtrain.training.metrics import MetricLogger, final_values
 from mmtrain.training.nonfinite import NonFiniteGuard
@@ -95,6 +100,8 @@ class ContrastiveRecipe:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.step = 0
+        self.log_window: tuple[float, int] = (0.0, 0)  # (sum of step losses, steps) since the last log line
+        self.skipped_images = 0  # unreadable images this rank's batches skipped, over the whole run
         self.start_time = time.perf_counter()
         self.last_eval: dict[str, float] = {}
         self.last_loss: float | None = None
@@ -183,6 +190,8 @@ class ContrastiveRecipe:
         ckpt_cfg = cfg.get("checkpoint", {}) or {}
         self.checkpoints = CheckpointManager(self.output_dir, keep=ckpt_cfg.get("keep", 2), log_fn=print)
         resume_from = self.checkpoints.resolve_resume(cfg.get("resume", "auto"))
+        if resume_from is None:
+            set_aside_earlier_run(self.output_dir)
         if resume_from is not None:
             state = self.checkpoints.load(resume_from, self.task, self.optimizer, self.scheduler)
             self.step = int(state["step"])
@@ -191,6 +200,14 @@ class ContrastiveRecipe:
                                          "world_size": state.get("data_world_size", self.dist.world_size)})
             self.guard.load_state_dict(state)
             self.last_checkpoint = resume_from
+            # the log window and the unreadable-image counts run across checkpoints, so a resumed run logs what
+            # the uninterrupted one does
+            self.log_window = (float(state.get("log_window_loss", 0.0)), int(state.get("log_window_steps", 0)))
+            self.skipped_images = _share_of(int(state.get("images_skipped", 0)), self.dist.rank, self.dist.world_size)
+            self.loader.total_skipped = _share_of(int(state.get("loader_skipped", 0)), self.dist.rank,
+                                                  self.dist.world_size)
+            self.loader.total_seen = _share_of(int(state.get("loader_seen", 0)), self.dist.rank,
+                                               self.dist.world_size)
 
         log_cfg = cfg.get("log", {}) or {}
         wandb_cfg = log_cfg.get("wandb", False)
@@ -395,8 +412,8 @@ class ContrastiveRecipe:
         self.data_wait_s = 0.0
         batches = self._timed(self._batches())
         device_skip = self._device_skip()
-        window_loss, window_steps, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
-        skipped_images = 0
+        window_loss, window_steps = self.log_window
+        window_samples, window_start = 0, time.perf_counter()
         grad_norm_value = float("nan")
         # (step, loss, grad norm) of steps whose values are still on the device (device_skip only)
         pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -425,7 +442,7 @@ class ContrastiveRecipe:
             step = self.step + 1
             if graphed is not None:
                 batch = self._to_device(next(batches))
-                skipped_images += int(batch["num_skipped"])
+                self.skipped_images += int(batch["num_skipped"])
                 window_samples += int(batch["index"].numel())
                 inputs = {key: batch[key] for key in ("pixel_values", "input_ids", "attention_mask")}
                 if self.flops_per_step is None and self.peak_flops is not None:
@@ -440,7 +457,7 @@ class ContrastiveRecipe:
                 loss_sum = torch.zeros((), device=self.device)
                 for micro in range(accumulation):
                     batch = self._to_device(next(batches))
-                    skipped_images += int(batch["num_skipped"])
+                    self.skipped_images += int(batch["num_skipped"])
                     window_samples += int(batch["index"].numel())
                     with D.grad_sync(self.task, enabled=micro == accumulation - 1):
                         if self.flops_per_step is None and self.peak_flops is not None:
@@ -483,7 +500,7 @@ class ContrastiveRecipe:
                     "data_wait": min(self.data_wait_s / elapsed, 1.0),
                     "grad_norm": grad_norm_value,
                     "skipped_images": D.all_reduce_mean(
-                        torch.tensor(float(skipped_images), device=self.device)).item() * self.dist.world_size,
+                        torch.tensor(float(self.skipped_images), device=self.device)).item() * self.dist.world_size,
                     "nonfinite_steps": self.guard.skipped,
                 }
                 if self.device.type == "cuda":
@@ -498,6 +515,7 @@ class ContrastiveRecipe:
                 self.evaluate()
             # No checkpoint of a non-finite step (nonfinite.py's promise): the last good one stays the newest.
             if ckpt_now and not self.guard.consecutive:
+                self.log_window = (window_loss, window_steps)
                 self.save_checkpoint()
         if graphed is not None:
             # a replay count far below the step count means batches of other shapes ran eagerly (slower)
@@ -527,8 +545,14 @@ class ContrastiveRecipe:
     # ------------------------------------------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> Path | None:
         data = self.loader.state_dict()
+        counts = D.all_reduce_mean(torch.tensor(
+            [float(self.skipped_images), float(self.loader.total_skipped), float(self.loader.total_seen)],
+            dtype=torch.float64, device=self.device)) * self.dist.world_size
+        skipped, loader_skipped, loader_seen = (int(round(c)) for c in counts.tolist())
         state = {"data_epoch": data["epoch"], "data_position": data["position"],
-                 "data_world_size": data.get("world_size", self.dist.world_size), **self.guard.state_dict()}
+                 "data_world_size": data.get("world_size", self.dist.world_size), **self.guard.state_dict(),
+                 "log_window_loss": float(self.log_window[0]), "log_window_steps": int(self.log_window[1]),
+                 "images_skipped": skipped, "loader_skipped": loader_skipped, "loader_seen": loader_seen}
         path = self.checkpoints.save(self.step, self.task, self.optimizer, self.scheduler, state)
         if path is not None:
             self.last_checkpoint = path
@@ -591,6 +615,11 @@ class ContrastiveRecipe:
         return summary
 
 
+def _share_of(total: int, rank: int, world_size: int) -> int:
+    """Rank ``rank``'s part of a count summed over ``world_size`` ranks (the parts add up to ``total``)."""
+    return total // world_size + (1 if rank < total % world_size else 0)
+
+
 def check_run_settings(cfg: DictConfig) -> None:
     """One-line ConfigErrors, before anything is built, for run settings that would otherwise fail deep inside
     (a scheduler complaining about ``num_training_steps``, torch about a device string, mkdir about a file)."""
@@ -641,8 +670,10 @@ def validate(cfg: DictConfig, report) -> None:
     positive_int("max_steps")
     positive_int("batch_size")
     positive_int("gradient_accumulation_steps", allow_none=True)
-    positive_int("eval.every_n_steps", allow_none=True)
-    positive_int("checkpoint.every_n_steps", allow_none=True)
+    for key in ("eval.every_n_steps", "checkpoint.every_n_steps"):  # 0 / null: never (check_run_settings agrees)
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            report.error(key, f"must be a positive integer (or 0 / null: never), got {value!r}")
     positive_int("log.every_n_steps", allow_none=True)
     positive_int("cpu_threads", allow_none=True)
     batch, accumulation = cfg.get("batch_size"), cfg.get("gradient_accumulation_steps", 1) or 1

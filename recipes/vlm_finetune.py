@@ -191,7 +191,12 @@ def evaluate_answers(model, dataset, tokenizer, *, device, batch_size: int, max_
 def main(cfg: DictConfig) -> dict:
     from mmtrain.data.collate import padded_collate_tiled_images_and_mask
     from mmtrain.models.llama3_2_vision._memory import count_parameters
-    from mmtrain.training.checkpoint import CheckpointManager, export_model, finished_and_exported
+    from mmtrain.training.checkpoint import (
+        CheckpointManager,
+        export_model,
+        finished_and_exported,
+        set_aside_earlier_run,
+    )
     from mmtrain.training.distributed import (
         all_reduce_mean,
         apply_activation_checkpointing,
@@ -274,13 +279,15 @@ def main(cfg: DictConfig) -> dict:
     optimizer = instantiate(cfg.optimizer)(params)
     scheduler = instantiate(cfg.lr_scheduler)(optimizer) if cfg.get("lr_scheduler") else None
 
+    ckpt = CheckpointManager(output_dir, keep=OmegaConf.select(cfg, "checkpoint.keep") or 2, log_fn=print)
+    resume_path = ckpt.resolve_resume(cfg.get("resume", "auto"))
+    if resume_path is None:
+        set_aside_earlier_run(output_dir)
     log_cfg = cfg.get("log", {}) or {}
     logger = MetricLogger(output_dir, rank=rank, total_steps=max_steps, wandb=log_cfg.get("wandb", False),
                           run_config=OmegaConf.to_container(cfg, resolve=True),
                           progress_bar=log_cfg.get("progress_bar", True))
-    ckpt = CheckpointManager(output_dir, keep=OmegaConf.select(cfg, "checkpoint.keep") or 2, log_fn=logger.print)
     start_step = 0
-    resume_path = ckpt.resolve_resume(cfg.get("resume", "auto"))
     if resume_path is not None:
         state = ckpt.load(resume_path, model, optimizer, scheduler)
         start_step = int(state["step"])

@@ -37,6 +37,7 @@ import pickle
 import random
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -91,6 +92,18 @@ def _quiet_single_process():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+def _broadcast_ddp_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics) before a DDP checkpoint, as DDP does before each
+    forward: each rank updated its own copy in the last one, and the checkpoint keeps one rank's copy of a
+    replicated tensor, not necessarily rank 0's, which the export and the next step use."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not _dist_on() or not isinstance(model, DistributedDataParallel) or not model.broadcast_buffers:
+        return
+    for buffer in model.module.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 def _all_ranks_ok(ok: bool) -> bool:
@@ -392,6 +405,7 @@ class CheckpointManager:
             error = e
         if _all_ranks_ok(error is None):
             try:
+                _broadcast_ddp_buffers(model)
                 state = self._state_to_save(step, model, optimizer, scheduler, train_state)
                 with _quiet_single_process():
                     dcp.save(state, storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not _dist_on())
@@ -416,6 +430,27 @@ class CheckpointManager:
         _barrier()
         self._say(f"checkpoint saved: {final}")
         return final
+
+    def _follow_configured_schedule(self, scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+        """The schedule's multiplier functions come from the config, not the checkpoint (they are not numbers), so
+        a resume with another ``max_steps`` follows the new schedule; the learning rates restored with the
+        optimizer still hold the old schedule's value for the next step: set them from the new one. With an
+        unchanged config both are the same computation, so nothing changes."""
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        scheduled = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        restored = [float(group["lr"]) for group in optimizer.param_groups]
+        if scheduled == restored:
+            return
+        for group, lr in zip(optimizer.param_groups, scheduled):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        scheduler._last_lr = list(scheduled)
+        self._say(f"the learning-rate schedule differs from the checkpoint's (max_steps or lr_scheduler changed): "
+                  f"training goes on with the configured one, lr {scheduled[0]:.3g} (the checkpoint's schedule had "
+                  f"{restored[0]:.3g})")
 
     def _state_to_save(self, step, model, optimizer, scheduler, train_state) -> dict[str, Any]:
         state: dict[str, Any] = {"model": get_model_state_dict(model)}
@@ -492,6 +527,8 @@ class CheckpointManager:
             set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
         if scheduler is not None:
             scheduler.load_state_dict(_restore_numeric_state(scheduler.state_dict(), state["scheduler"]))
+            if optimizer is not None:
+                self._follow_configured_schedule(scheduler, optimizer)
         rng = state["rng"].get(f"rank{_rank()}")
         if rng is not None:
             restore_rng_state(rng)
@@ -606,6 +643,32 @@ def export_model(model: torch.nn.Module, directory: str | os.PathLike, config: A
         os.replace(tmp, directory)
     _barrier()
     return directory
+
+
+EARLIER_RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.png", "model", "tensorboard")
+
+
+def set_aside_earlier_run(output_dir: str | os.PathLike, log_fn=print) -> Path | None:
+    """A run that starts at step 0 in an ``output_dir`` holding an earlier run's files (``resume=none``, or an
+    attempt that died before its first checkpoint) moves them into ``output_dir/earlier/<UTC time>/``: its
+    checkpoints would otherwise outrank the new run's (highest step kept, newest resumed) and its metrics rows mix
+    with the new ones; nothing already written is deleted. Rank 0 moves; every rank waits. Returns the folder."""
+    output_dir = Path(output_dir)
+    target = None
+    if _rank() == 0:
+        present = [name for name in EARLIER_RUN_FILES if (output_dir / name).exists()]
+        if present:
+            target = output_dir / "earlier" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            suffix = 1
+            while target.exists():
+                suffix += 1
+                target = target.with_name(f"{target.name.split('.')[0]}.{suffix}")
+            target.mkdir(parents=True)
+            for name in present:
+                os.replace(output_dir / name, target / name)
+            log_fn(f"starting at step 0: moved the earlier run's {', '.join(present)} to {target}")
+    _barrier()
+    return target
 
 
 def finished_and_exported(directory: str | os.PathLike, step: int, max_steps: int) -> bool:

@@ -241,3 +241,12 @@ def test_validate_reports_a_missing_data_folder_and_resume_path(cli, tmp_path):
     assert result.status == 2 and "Traceback" not in result.err
     assert any("dataset.path" in line and "does not exist" in line for line in result.lines), result.err
     assert any("key 'resume'" in line and "no such checkpoint folder" in line for line in result.lines), result.err
+
+
+def test_zero_intervals_mean_never_for_run_and_validate(contrastive):
+    """eval/checkpoint.every_n_steps 0 means never (as the recipe documents); run's validate step agreed with
+    the recipe only for null."""
+    assert contrastive("eval.every_n_steps=0", "checkpoint.every_n_steps=0", verb="validate").status == 0
+    result = contrastive("eval.every_n_steps=0", "checkpoint.every_n_steps=0")
+    assert result.status == 0, result.err
+    assert not (contrastive.out / "checkpoints").exists() or not any((contrastive.out / "checkpoints").iterdir())

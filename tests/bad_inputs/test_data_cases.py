@@ -269,3 +269,26 @@ def test_vqa_file_not_json(cli, one_line, quiet_datasets, tmp_path):
     config = _chat(tmp_path, [])
     (tmp_path / "chat.jsonl").write_text("{this is not json\n")
     one_line(cli(["run", "vlm_finetune", "--config", config]), "chat.jsonl:1", "cannot be read")
+
+
+def test_unreadable_image_count_runs_across_a_resume(cli, tiny, tmp_path):
+    """Skipped images are counted over the whole run: a run resumed at step 3 reports at step 6 what the
+    uninterrupted run does (12 train images, 2 unreadable, 3 steps of 4 an epoch: each one seen twice)."""
+    split = _write_folder(tmp_path / "data")
+    _truncated_png(split)
+    (split / "5.png").write_bytes(b"garbage")
+    _write_folder(tmp_path / "data" / "validation_src", n=4)
+    (tmp_path / "data" / "validation_src" / "train").rename(tmp_path / "data" / "validation")
+
+    def run(out, max_steps):
+        result = cli(["run", "contrastive", "--config", "align_tiny", f"output_dir={out}", *tiny.image_folder,
+                      f"dataset.path={tmp_path / 'data'}", "dataset.max_skipped_fraction=1.0",
+                      "checkpoint.every_n_steps=3", f"max_steps={max_steps}"])
+        assert result.status == 0, result.err
+        return {e["step"]: e["skipped_images"] for e in _metrics(out) if "skipped_images" in e}
+
+    straight = run(tmp_path / "straight", 6)
+    run(tmp_path / "resumed", 3)
+    resumed = run(tmp_path / "resumed", 6)
+    assert straight[3] == resumed[3] == 2 and straight[6] == 4
+    assert resumed == straight

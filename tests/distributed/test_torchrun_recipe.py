@@ -166,3 +166,29 @@ def test_fsdp_align_run_clips_checkpoints_and_exports_on_two_ranks(tmp_path):
     initial = AlignModel(exported.config).state_dict()
     assert all(torch.isfinite(v).all() for v in exported.state_dict().values())
     assert not torch.equal(exported.state_dict()["text_projection.weight"], initial["text_projection.weight"])
+
+
+def test_ddp_restart_reproduces_the_batchnorm_statistics_of_the_uninterrupted_run(tmp_path):
+    """Under DDP each rank updates its own BatchNorm statistics and DDP hands rank 0's to all before each forward;
+    the checkpoint must hold rank 0's (it held another rank's copy), so a restarted run exports the same model."""
+    from safetensors.torch import load_file
+
+    def align_cfg(run_dir):
+        cfg = tiny_clip_cfg(run_dir, STEPS)
+        cfg.update(model={"_target_": "mmtrain.models.align.align_tiny", "vocab_size": 72, "image_size": 16,
+                          "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "intermediate_size": 32, "vision_width": 16},
+                   loss={"_target_": "mmtrain.losses.AlignLoss", "label_smoothing": 0.1})
+        return cfg
+
+    straight, faulty = tmp_path / "straight", tmp_path / "faulty"
+    proc = two_ranks(tmp_path, straight, STEPS, cfg=align_cfg(straight))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = two_ranks(tmp_path, faulty, STEPS, "--max-restarts", "1", cfg=align_cfg(faulty),
+                     env_extra={"MMTRAIN_FAULT_STEP": "4", "MMTRAIN_FAULT_RANK": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"resumed from {faulty / 'checkpoints' / f'step_{CKPT_EVERY:08d}'}" in proc.stdout, proc.stdout
+    expected, got = (load_file(str(d / "model" / "model.safetensors")) for d in (straight, faulty))
+    assert any("running_mean" in key for key in expected)
+    assert expected.keys() == got.keys()
+    assert [key for key in expected if not torch.equal(expected[key], got[key])] == []

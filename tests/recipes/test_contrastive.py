@@ -129,6 +129,68 @@ def test_rerun_of_a_finished_run_neither_evaluates_nor_exports_again(tmp_path, c
     assert sorted(_losses(tmp_path)) == list(range(1, 8))
 
 
+def test_resume_logs_the_same_window_means(tmp_path, monkeypatch):
+    """A log line averages the steps since the previous one; a checkpoint inside that window carries its
+    partial sum, so the resumed run's line equals the uninterrupted run's."""
+    recipe = _recipe()
+    overrides = {"log.every_n_steps": 4, "max_steps": 8}
+    straight = tmp_path / "straight"
+    recipe.main(tiny_cfg(straight, **overrides))
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_5(step):
+        if step == 5:
+            raise Killed()
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(recipe.D, "maybe_inject_fault", die_at_step_5)
+    with pytest.raises(Killed):
+        recipe.main(tiny_cfg(interrupted, **overrides))
+    monkeypatch.undo()
+    recipe.main(tiny_cfg(interrupted, **overrides))  # resumes at 3, inside the window of steps 1-4
+    assert _losses(interrupted) == _losses(straight)
+    assert sorted(_losses(interrupted)) == [4, 8]
+
+
+def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path, capsys):
+    recipe = _recipe()
+    recipe.main(tiny_cfg(tmp_path, max_steps=6, **{"lr_scheduler.num_warmup_steps": 1}))
+    recipe.main(tiny_cfg(tmp_path, max_steps=10, **{"lr_scheduler.num_warmup_steps": 1}))
+    lrs = {e["step"]: e["lr"] for e in _events(tmp_path) if "lr" in e}
+
+    def cosine(step, total, warmup=1):  # warmup_cosine's multiplier, written out
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+    for step in range(1, 7):  # the lr a step ran with is set by the scheduler after the step before
+        assert lrs[step] == pytest.approx(5e-3 * cosine(step - 1, 6), rel=1e-12, abs=1e-15)
+    for step in range(7, 11):
+        assert lrs[step] == pytest.approx(5e-3 * cosine(step - 1, 10), rel=1e-12)
+    assert "learning-rate schedule differs from the checkpoint's" in capsys.readouterr().out
+
+
+def test_resume_none_sets_the_earlier_run_aside(tmp_path, capsys):
+    """Starting afresh in a used output_dir: the earlier run's checkpoints would outrank the new run's (pruning
+    keeps the highest steps; resume=auto takes the newest), so they are moved, not mixed or deleted."""
+    recipe = _recipe()
+    first = recipe.main(tiny_cfg(tmp_path))  # checkpoints at 3 and 6
+    second = recipe.main(tiny_cfg(tmp_path, resume="none", seed=1, max_steps=3))
+    assert second["steps"] == 3
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000003"]
+    assert sorted(_losses(tmp_path)) == [1, 2, 3]
+    (earlier,) = (tmp_path / "earlier").iterdir()
+    assert sorted(p.name for p in (earlier / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    assert sorted(_losses(earlier)) == [1, 2, 3, 4, 5, 6]
+    assert (earlier / "model" / "model.safetensors").is_file()
+    assert f"moved the earlier run's checkpoints, metrics.jsonl, metrics.png, model to {earlier}" in (
+        capsys.readouterr().out)
+    again = recipe.main(tiny_cfg(tmp_path, seed=1, max_steps=3))  # resume=auto: the new run, already complete
+    assert again["already_complete"] and again["final_loss"] == second["final_loss"] != first["final_loss"]
+
+
 def _nan_after(recipe, monkeypatch, first_bad_call):
     original = recipe.ContrastiveTask.forward
     calls = {"n": 0}
