@@ -77,6 +77,12 @@ class ContrastiveTask(nn.Module):
     def get_logit_bias(self) -> torch.Tensor | None:
         return self.model.get_logit_bias()
 
+    def clamp_logit_scale_(self) -> None:
+        """Keep the temperature parameter in the model's range after an optimizer step (open_clip's clamp)."""
+        clamp = getattr(self.model, "clamp_logit_scale_", None)
+        if callable(clamp):
+            clamp()
+
     def layer_modules(self) -> list[nn.Module]:
         getter = getattr(self.model, "layer_modules", None)
         return list(getter()) if callable(getter) else []
@@ -135,6 +141,12 @@ class ContrastiveRecipe:
         torch.manual_seed(int(cfg.seed))
         model = instantiate(cfg.model)
         loss_fn = instantiate(cfg.loss)
+        check_bias = getattr(loss_fn, "check_logit_bias", None)
+        if callable(check_bias):
+            try:  # a loss bias next to the model's would be an unused parameter, which DDP fails on at step 2
+                check_bias(model.get_logit_bias())
+            except ValueError as error:
+                raise ConfigError(f"loss.init_logit_bias: {error}") from None
         self.tokenizer = instantiate(cfg.tokenizer)
         self._check_vocab(model)
         task = ContrastiveTask(model, loss_fn)
@@ -400,6 +412,7 @@ class ContrastiveRecipe:
         self.optimizer.grad_scale = None
         self.optimizer.found_inf = (~finite).to(torch.float32)
         self.optimizer.step()
+        self.inner.clamp_logit_scale_()
 
     def train(self) -> None:
         cfg = self.cfg
@@ -475,6 +488,7 @@ class ContrastiveRecipe:
                     pending.append((step, step_loss, grad_norm.detach()))
                 elif settle(step, step_loss.item(), float(grad_norm)):
                     self.optimizer.step()
+                    self.inner.clamp_logit_scale_()
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
             self.step = step

@@ -61,10 +61,11 @@ def test_softmax_losses_match_reference_values_and_grads(loss_cls, eps, tiled):
     ref_scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
     ref = _reference_softmax_loss(ref_image, ref_text, ref_scale, eps)
     ref_grads = torch.autograd.grad(ref, (ref_image, ref_text, ref_scale))
-    # the loss computes in float32 internally, hence 1e-6
-    torch.testing.assert_close(loss.double(), ref.double(), atol=1e-6, rtol=1e-6)
+    # float64 inputs: the loss computes in float64
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
     for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got.double(), want.double(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
 def test_align_loss_matches_model_formula():
@@ -89,6 +90,7 @@ def test_siglip_matches_reference_and_owns_bias(tiled):
     ref_bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
     ref = _reference_siglip(ref_image, ref_text, ref_scale, ref_bias)
     ref_grads = torch.autograd.grad(ref, (ref_image, ref_text, ref_scale, ref_bias))
+    # the own bias is a float32 parameter, so its gradient comes back in float32
     torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-6)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want.double(), atol=1e-5, rtol=1e-5)
@@ -157,13 +159,18 @@ def _rank_worker(rank: int, world: int, port: int, results) -> None:
         local = slice(rank * 4, rank * 4 + 4)
         out = {}
         for name, loss_fn in _make_losses().items():
-            img = image[local].clone().requires_grad_()
-            txt = text[local].clone().requires_grad_()
-            scale = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
-            loss = loss_fn(img, txt, scale)
-            loss.backward()
-            # DDP averages gradients over ranks; the embeddings' grads are this rank's rows of the global grad / W
-            out[name] = (loss.item(), img.grad.clone(), txt.grad.clone(), scale.grad.clone())
+            for autocast in (False, True):
+                # with autocast: float32 inputs, forward in CPU bf16 autocast, backward outside it (the recipe's way)
+                dtype = torch.float32 if autocast else torch.float64
+                img = image[local].to(dtype).requires_grad_()
+                txt = text[local].to(dtype).requires_grad_()
+                scale = torch.tensor(5.0, dtype=dtype, requires_grad=True)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss = loss_fn(img, txt, scale)
+                loss.backward()
+                # DDP averages gradients over ranks; the embeddings' grads are this rank's rows of the global grad / W
+                out[name + ("@bf16" if autocast else "")] = (
+                    loss.item(), img.grad.double(), txt.grad.double(), scale.grad.double())
         results[rank] = out
     finally:
         dist.destroy_process_group()
@@ -187,9 +194,60 @@ def test_two_rank_gather_equals_global_loss():
         mp.start_processes(_rank_worker, args=(2, _free_port(), results), nprocs=2, start_method="spawn", join=True)
         results = dict(results)
     for name, (loss, img_grad, txt_grad, scale_grad) in expected.items():
-        per_rank = [results[r][name] for r in range(2)]
-        assert math.isclose(sum(r[0] for r in per_rank) / 2, loss, rel_tol=1e-5), name
-        # the mean of the rank losses differentiates to the global gradient: ranks' rows, halved
-        torch.testing.assert_close(torch.cat([r[1] for r in per_rank]) / 2, img_grad, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(torch.cat([r[2] for r in per_rank]) / 2, txt_grad, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(sum(r[3] for r in per_rank) / 2, scale_grad, atol=1e-6, rtol=1e-5)
+        # float64 all the way, then float32 under bf16 autocast (the losses compute in float32 there, gather included)
+        for key, tol in ((name, 1e-10), (name + "@bf16", 1e-5)):
+            per_rank = [results[r][key] for r in range(2)]
+            assert math.isclose(sum(r[0] for r in per_rank) / 2, loss, rel_tol=tol), key
+            # the mean of the rank losses differentiates to the global gradient: ranks' rows, halved
+            torch.testing.assert_close(torch.cat([r[1] for r in per_rank]) / 2, img_grad, atol=tol, rtol=tol)
+            torch.testing.assert_close(torch.cat([r[2] for r in per_rank]) / 2, txt_grad, atol=tol, rtol=tol)
+            torch.testing.assert_close(sum(r[3] for r in per_rank) / 2, scale_grad, atol=tol, rtol=tol)
+
+
+# ---- SigLIP's own bias: only when asked for ---------------------------------------------------------------------
+
+def test_siglip_own_bias_only_when_asked_for():
+    image, text = _embeds(seed=2)
+    without = SigLipLoss(init_logit_bias=None)
+    assert without.logit_bias is None and list(without.parameters()) == []
+    torch.testing.assert_close(without(image, text, 10.0, torch.tensor(-3.0)).double(),
+                               _reference_siglip(image, text, 10.0, -3.0), atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="no logit bias of its own"):
+        without(image, text, 10.0)
+    without.check_logit_bias(torch.tensor(-10.0))
+    with pytest.raises(ValueError, match="no logit bias of its own"):
+        without.check_logit_bias(None)
+    # SigLipLoss() keeps its learnable bias for a model without one; next to a model's bias it would be dead weight
+    own = SigLipLoss()
+    assert [name for name, _ in own.named_parameters()] == ["logit_bias"]
+    own.check_logit_bias(None)
+    with pytest.raises(ValueError, match="never be used"):
+        own.check_logit_bias(torch.tensor(-10.0))
+
+
+def test_shipped_siglip_config_leaves_no_trainable_parameter_without_gradient():
+    """The recipe puts model and loss in one module under DDP, which (find_unused_parameters=False, what a dual
+    encoder gets) fails at step 2 on any trainable parameter that got no gradient in step 1."""
+    from mmtrain.config import instantiate, load
+
+    cfg = load("contrastive", "clip_tiny", ["loss=siglip", "model.siglip=true"])
+    torch.manual_seed(0)
+    model, loss_fn = instantiate(cfg.model), instantiate(cfg.loss)
+    assert model.get_logit_bias() is not None
+    loss_fn.check_logit_bias(model.get_logit_bias())
+    task = torch.nn.ModuleDict({"model": model, "loss": loss_fn})
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 72, (4, 16), generator=gen)
+    mask = torch.ones_like(ids)
+    image = model.encode_image(torch.randn(4, 3, int(cfg.model.image_size), int(cfg.model.image_size), generator=gen))
+    loss = loss_fn(image, model.encode_text(ids, mask), model.get_logit_scale(), model.get_logit_bias())
+    loss.backward()
+    no_grad = [name for name, p in task.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+
+    cfg = load("contrastive", "siglip_vit_b16")
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    loss_fn = instantiate(cfg.loss)
+    assert list(loss_fn.parameters()) == []
+    loss_fn.check_logit_bias(model.get_logit_bias())

@@ -11,7 +11,9 @@ All return a ``CLIPDualEncoder`` (see ``_dual_encoder``): ``encode_image (B, 3, 
 "window_size": 9}``) goes to every attention layer of both towers. ``vocab_size`` must match the tokenizer.
 Differences from the peers' pretrained models, on purpose: the image tower pools with CLS + projection (torchtune's
 ``CLSProjection``) in both families (SigLIP's attention-pool head is not reproduced), and the text tower pools at the
-last real token (``pool="eot"``), which is right for any tokenizer that appends an end token.
+last real token (``pool="eot"``), which is right for any tokenizer that appends an end token. ``siglip_vit_b16``
+differs from open_clip's ``ViT-B-16-SigLIP`` in more than that (causal text attention, biases, LayerNorm eps):
+its docstring lists every difference.
 """
 
 from __future__ import annotations
@@ -47,11 +49,16 @@ def clip_dual_encoder(
     activation: type[nn.Module] = nn.GELU,
     attention: dict[str, Any] | None = None,
     text_pool: str = "eot",
+    pad_token_id: int | None = 0,
     init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
     init_logit_bias: float | None = None,
     max_logit_scale: float = 100.0,
 ) -> CLIPDualEncoder:
-    """Wire a single-tile ``clip_vision_encoder`` (with CLS projection to ``embed_dim``) and a ``CLIPTextEncoder``."""
+    """Wire a single-tile ``clip_vision_encoder`` (with CLS projection to ``embed_dim``) and a ``CLIPTextEncoder``.
+
+    ``pad_token_id`` (default 0, the [PAD] id of mmtrain's WordPiece tokenizers and open_clip's BPE pad value) is
+    what ``encode_text(input_ids)`` without a mask treats as padding; None treats every position as real.
+    """
     from mmtrain.models.clip._component_builders import clip_vision_encoder
 
     if image_size % patch_size != 0:
@@ -78,6 +85,7 @@ def clip_dual_encoder(
         activation=activation,
         attention=attention,
         pool=text_pool,
+        pad_token_id=pad_token_id,
     )
     return CLIPDualEncoder(
         vision,
@@ -97,6 +105,7 @@ def clip_tiny(
     embed_dim: int = 32,
     attention: dict[str, Any] | None = None,
     siglip: bool = False,
+    pad_token_id: int | None = 0,
 ) -> CLIPDualEncoder:
     """Tiny CLIP (or SigLIP with ``siglip=True``) for CPU tests: width 32, 2 layers and 2 heads per tower."""
     return clip_dual_encoder(
@@ -112,6 +121,7 @@ def clip_tiny(
         text_heads=2,
         embed_dim=embed_dim,
         attention=attention,
+        pad_token_id=pad_token_id,
         init_logit_scale=SIGLIP_INIT_LOGIT_SCALE if siglip else CLIP_INIT_LOGIT_SCALE,
         init_logit_bias=SIGLIP_INIT_LOGIT_BIAS if siglip else None,
     )
@@ -129,6 +139,7 @@ def clip_vit_b16(
     image_size: int = 224,
     attention: dict[str, Any] | None = None,
     text_pool: str = "eot",
+    pad_token_id: int | None = 0,
 ) -> CLIPDualEncoder:
     """open_clip's ``ViT-B-16`` shapes (about 150M parameters with the 49408-token BPE vocabulary)."""
     return clip_dual_encoder(
@@ -145,6 +156,7 @@ def clip_vit_b16(
         embed_dim=512,
         attention=attention,
         text_pool=text_pool,
+        pad_token_id=pad_token_id,
     )
 
 
@@ -155,8 +167,26 @@ def siglip_vit_b16(
     image_size: int = 224,
     attention: dict[str, Any] | None = None,
     text_pool: str = "eot",
+    pad_token_id: int | None = 0,
 ) -> CLIPDualEncoder:
-    """SigLIP ViT-B/16 shapes: both towers width 768, 12 layers, 12 heads; joint embedding 768."""
+    """SigLIP ViT-B/16 shapes: both towers width 768, 12 layers, 12 heads; joint embedding 768.
+
+    Same widths, depths and heads as open_clip's ``ViT-B-16-SigLIP``, but not the same network: 196,660,226
+    parameters at vocab_size 32000 against open_clip's 203,155,970, and its weights do not load. The differences
+    (open_clip -> here):
+
+    - image head: attention pool (MAP, ``AttentionPoolLatent``) -> CLS token + linear projection
+      (image tower 92,884,224 -> 86,389,248 parameters)
+    - LayerNorm before the image blocks: none -> ``ln_pre``
+    - patch-embedding conv bias: yes -> no
+    - text attention: bidirectional (``no_causal_mask``) -> causal
+    - text pooling: the last position (``pool_type="last"``) -> the last real token (``text_pool="eot"``)
+    - text projection bias: yes -> no (text tower 110,271,744 -> 110,270,976 parameters)
+    - LayerNorm eps: 1e-6 -> 1e-5
+
+    Initial logit scale log(10) and bias -10 are those open_clip_train sets with ``--siglip`` (open_clip's
+    ``create_model`` alone gives log(1/0.07)).
+    """
     return clip_dual_encoder(
         image_size=image_size,
         patch_size=16,
@@ -171,6 +201,7 @@ def siglip_vit_b16(
         embed_dim=768,
         attention=attention,
         text_pool=text_pool,
+        pad_token_id=pad_token_id,
         init_logit_scale=SIGLIP_INIT_LOGIT_SCALE,
         init_logit_bias=SIGLIP_INIT_LOGIT_BIAS,
     )

@@ -4,7 +4,8 @@ Implements mmtrain's dual-encoder interface (what the contrastive recipe uses):
 
     encode_image(pixel_values (B, 3, H, W)) -> (B, D), L2-normalized
     encode_text(input_ids (B, L) long, attention_mask (B, L)) -> (B, D), L2-normalized
-    get_logit_scale() -> 0-dim tensor: exp(logit_scale) clamped at ``max_logit_scale``
+    get_logit_scale() -> 0-dim tensor: exp(logit_scale), its value clamped at ``max_logit_scale``
+    clamp_logit_scale_() -> None: the parameter clamped in place to [0, log(max_logit_scale)] (after each step)
     get_logit_bias() -> 0-dim tensor (SigLIP) or None (CLIP)
     layer_modules() -> the transformer layers of both towers (FSDP2 units, checkpointing, regional compile)
     forward(pixel_values, input_ids, attention_mask) -> (image_embeds (B, D), text_embeds (B, D))
@@ -42,7 +43,8 @@ class CLIPDualEncoder(nn.Module):
         text_encoder: module mapping ``input_ids (B, L), attention_mask (B, L)`` to ``(B, D)``.
         init_logit_scale: initial value of the log-scale parameter (CLIP ``log(1/0.07)``, SigLIP ``log(10)``).
         init_logit_bias: initial logit bias (SigLIP ``-10``); None for no bias (CLIP).
-        max_logit_scale: ``get_logit_scale`` is ``exp(logit_scale)`` clamped here (CLIP's 100).
+        max_logit_scale: ceiling of ``get_logit_scale`` (CLIP's 100). The trainer calls ``clamp_logit_scale_`` after
+            every optimizer step, as open_clip does; the forward clamp only guards the value in between.
         embed_dim: joint embedding width D (checked against the towers' outputs).
     """
 
@@ -98,8 +100,24 @@ class CLIPDualEncoder(nn.Module):
         return F.normalize(self.text_features(input_ids, attention_mask), dim=-1)
 
     def get_logit_scale(self) -> torch.Tensor:
-        """0-dim multiplier of cosine similarities: ``exp(logit_scale)``, at most ``max_logit_scale``."""
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        """0-dim multiplier of cosine similarities: ``exp(logit_scale)``, at most ``max_logit_scale``.
+
+        The clamp is straight-through: the value is ``min(exp(logit_scale), max)`` but the gradient is that of
+        ``exp(logit_scale)``. A clamp inside the graph would give zero gradient above the ceiling, so a parameter
+        that an optimizer step carried past log(max) could never come back down.
+        """
+        scale = self.logit_scale.exp()
+        detached = scale.detach()
+        # clamp(s) + (s - s) is exactly clamp(s) in value, and differentiates like s
+        return detached.clamp(max=self.max_logit_scale) + (scale - detached)
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the ``logit_scale`` parameter in place to [0, log(max_logit_scale)] (scale in [1, max]).
+
+        Call after every optimizer step: at the bound the parameter still gets a gradient and can move back.
+        """
+        self.logit_scale.clamp_(0.0, math.log(self.max_logit_scale))
 
     def get_logit_bias(self) -> torch.Tensor | None:
         return self.logit_bias

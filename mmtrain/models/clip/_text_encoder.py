@@ -3,12 +3,15 @@ pooling at the end-of-text token, and a linear projection into the joint embeddi
 
 Shapes:
     input_ids: long (b, s), s <= max_seq_len
-    attention_mask: (b, s), 1 for real tokens, 0 for padding (None: every position is real)
+    attention_mask: (b, s), 1 for real tokens, 0 for padding (None: ``input_ids != pad_token_id``, or every
+        position real when ``pad_token_id`` is None)
     -> (b, output_dim) pooled and projected, not normalized
 
 Pooling (``pool``):
     ``"eot"``: the last real token of each row (the last position where ``attention_mask`` is 1), i.e. the
     end-of-text token of any tokenizer that appends one ([SEP] for BERT vocabularies, <|endoftext|> for CLIP's BPE).
+    Without a mask, real tokens are those that are not ``pad_token_id``, so ``encode_text(ids)`` (open_clip's
+    call) pools the same token as ``encode_text(ids, mask)`` for padded input.
     ``"argmax"``: the position of the largest token id (open_clip's rule; right only for its BPE vocabulary where
     <|endoftext|> has the largest id).
 
@@ -77,6 +80,9 @@ class CLIPTextEncoder(nn.Module):
         attn_dropout: attention dropout.
         attention: attention mechanism config for every layer (``{"name": "scaled_dot_product"}`` when None).
         pool: ``"eot"`` or ``"argmax"`` (see the module docstring).
+        pad_token_id: the tokenizer's padding id, read when no ``attention_mask`` is given (``"eot"`` pooling
+            pools the last token that is not padding). 0 is [PAD] in mmtrain's WordPiece tokenizers (BERT, MiniLM,
+            shapes) and open_clip's BPE pad value. None: without a mask every position counts as real.
 
     Raises:
         ValueError: for an unknown ``pool``, or input longer than ``max_seq_len``.
@@ -97,12 +103,14 @@ class CLIPTextEncoder(nn.Module):
         attn_dropout: float = 0.0,
         attention: dict[str, Any] | None = None,
         pool: str = "eot",
+        pad_token_id: int | None = 0,
     ) -> None:
         super().__init__()
         if pool not in POOLING:
             raise ValueError(f"pool must be one of {POOLING}, got {pool!r}")
         self.max_seq_len = max_seq_len
         self.pool = pool
+        self.pad_token_id = pad_token_id
         self.token_embedding = nn.Embedding(vocab_size, embed_dim)
         self.position_embedding = nn.Parameter(torch.empty(max_seq_len, embed_dim))
         self.layers = nn.ModuleList(
@@ -149,6 +157,8 @@ class CLIPTextEncoder(nn.Module):
         if self.pool == "argmax":
             return input_ids.argmax(dim=-1)
         seq_len = input_ids.shape[-1]
+        if attention_mask is None and self.pad_token_id is not None:
+            attention_mask = input_ids != self.pad_token_id
         if attention_mask is None:
             return torch.full(input_ids.shape[:1], seq_len - 1, dtype=torch.long, device=input_ids.device)
         positions = torch.arange(seq_len, device=input_ids.device)
@@ -169,5 +179,5 @@ class CLIPTextEncoder(nn.Module):
         return self.text_projection(pooled)
 
     def extra_repr(self) -> str:
-        return f"max_seq_len={self.max_seq_len}, pool={self.pool!r}"
+        return f"max_seq_len={self.max_seq_len}, pool={self.pool!r}, pad_token_id={self.pad_token_id}"
 

@@ -47,7 +47,53 @@ def test_logit_scale_and_bias_initial_values_and_clamp():
     assert bias.ndim == 0 and bias.item() == -10.0 and bias.requires_grad
     with torch.no_grad():
         clip.logit_scale.fill_(math.log(1000.0))
-    assert clip.get_logit_scale().item() == pytest.approx(100.0)
+    assert clip.get_logit_scale().item() == 100.0
+    clip.clamp_logit_scale_()
+    assert clip.logit_scale.item() == pytest.approx(math.log(100.0)) and clip.get_logit_scale().item() <= 100.0
+    with torch.no_grad():
+        clip.logit_scale.fill_(-2.0)
+    clip.clamp_logit_scale_()
+    assert clip.logit_scale.item() == 0.0  # scale >= 1, open_clip's floor
+
+
+def test_logit_scale_clamp_is_straight_through():
+    """Above the ceiling the value stays 100 but the gradient is that of exp(logit_scale), not 0."""
+    model = clip_tiny(vocab_size=VOCAB)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0) + 0.01)
+    scale = model.get_logit_scale()
+    assert scale.item() == 100.0
+    scale.backward()
+    assert model.logit_scale.grad.item() == pytest.approx(math.exp(math.log(100.0) + 0.01))
+
+
+def _train_logit_scale(model, image, text, steps: int) -> float:
+    """AdamW on the logit scale alone (no weight decay, as for every scalar), clamping after each step as the
+    contrastive recipe does; returns the last step's gradient."""
+    from mmtrain.losses import ClipLoss
+
+    optimizer = torch.optim.AdamW([model.logit_scale], lr=0.1, weight_decay=0.0)
+    loss_fn = ClipLoss()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn(image, text, model.get_logit_scale()).backward()
+        optimizer.step()
+        model.clamp_logit_scale_()
+    return model.logit_scale.grad.item()
+
+
+def test_logit_scale_comes_back_down_after_hitting_the_ceiling():
+    """Aligned pairs push the temperature to the ceiling; unrelated pairs then pull it down again. A clamp inside
+    the forward pass would leave it stuck at 100 for good once a step carried the parameter past log(100)."""
+    model = clip_tiny(vocab_size=VOCAB)
+    gen = torch.Generator().manual_seed(0)
+    # 32 pairs in 4 dimensions: close negatives, so matching pairs keep asking for a larger scale
+    image = F.normalize(torch.randn(32, 4, generator=gen), dim=-1)
+    unrelated = F.normalize(torch.randn(32, 4, generator=gen), dim=-1)
+    _train_logit_scale(model, image, image, steps=40)
+    assert model.logit_scale.item() == pytest.approx(math.log(100.0)) and model.get_logit_scale().item() == 100.0
+    last_grad = _train_logit_scale(model, image, unrelated, steps=40)
+    assert last_grad > 0 and model.get_logit_scale().item() < 50.0
 
 
 def _layer_norm(x, weight, bias, eps=1e-5):
@@ -104,8 +150,32 @@ def test_padding_after_eot_does_not_change_text_embedding():
     other = ids.clone()
     other[mask == 0] = 7  # garbage in the padding
     torch.testing.assert_close(model.encode_text(ids, mask), model.encode_text(other, mask))
-    # Without a mask the last position is pooled, which is a different token for the padded rows.
-    assert not torch.allclose(model.encode_text(ids, None)[0], model.encode_text(ids, mask)[0])
+
+
+def test_encode_text_without_mask_infers_it_from_the_pad_id():
+    """open_clip's call, ``encode_text(tokens)``: right padding with 0 ([PAD] of mmtrain's tokenizers) is found
+    without the mask, so the end token is pooled, not a pad token."""
+    from mmtrain.data.tokenizers import shapes_tokenizer
+
+    torch.manual_seed(0)
+    model = clip_tiny(vocab_size=VOCAB)
+    _, ids, mask = _batch()
+    assert (ids[mask == 0] == 0).all() and (mask == 0).any()
+    torch.testing.assert_close(model.encode_text(ids), model.encode_text(ids, mask), rtol=0, atol=0)
+    assert model.text_encoder.pool_indices(ids, None).tolist() == [3, 9, 6]
+    # the shipped tokenizers pad with the builders' default id
+    batch = shapes_tokenizer(max_length=16)(["a small red circle", "a large blue square on the left"])
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == model.text_encoder.pad_token_id).all()
+    torch.manual_seed(0)
+    tiny = clip_tiny(vocab_size=72)
+    torch.testing.assert_close(tiny.encode_text(batch["input_ids"]),
+                               tiny.encode_text(batch["input_ids"], batch["attention_mask"]), rtol=0, atol=0)
+    # pad_token_id=None: no padding id, so without a mask every position is real and the last one is pooled
+    torch.manual_seed(0)
+    no_pad = clip_tiny(vocab_size=VOCAB, pad_token_id=None)
+    assert no_pad.text_encoder.pool_indices(ids, None).tolist() == [9, 9, 9]
+    torch.testing.assert_close(no_pad.encode_text(ids), no_pad.encode_text(ids, torch.ones_like(ids)))
+    assert clip_vit_b16.__kwdefaults__["pad_token_id"] == 0 == siglip_vit_b16.__kwdefaults__["pad_token_id"]
 
 
 def test_argmax_pooling_pools_the_largest_token_id():
