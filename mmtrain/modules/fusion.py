@@ -64,6 +64,10 @@ class FusionLayer(nn.Module):
             if not local.startswith("fusion_layer.") and not local.startswith("layer."):
                 state_dict[prefix + "layer." + local] = state_dict.pop(key)
 
+    def _load_fqn_modifiers(self) -> dict[str, str]:
+        # For set_model_state_dict (CheckpointManager.load): state-dict names under the wrapped layer -> "layer".
+        return {name: "layer" for name, _ in self.layer.named_children()}
+
     def __getattr__(self, name: str) -> Any:
         # State-dict keys omit ``layer.``; tools that walk those keys as attribute paths (torch.distributed
         # checkpoint's get_model_state_dict) find the wrapped layer's children here.
@@ -130,6 +134,10 @@ class FusionEmbedding(nn.Module):
     def weight(self) -> nn.Parameter:
         """The original table, under the key the state dict uses (attribute-path walkers find it here)."""
         return self.embedding.weight
+
+    def _load_fqn_modifiers(self) -> dict[str, str]:
+        # For set_model_state_dict (CheckpointManager.load): the state-dict name ``weight`` lives in ``embedding``.
+        return {"weight": "embedding"}
 
     def fusion_params(self) -> list[str]:
         return ["fusion_embedding.weight"]

@@ -522,7 +522,9 @@ class CheckpointManager:
         except RuntimeError as e:
             raise CheckpointError(f"{path}: could not load ({str(e).splitlines()[0]})") from None
 
-        set_model_state_dict(model, state["model"])
+        # Modules whose state-dict hooks rename keys (mmtrain.modules.fusion) map module paths to those names here;
+        # without it, under DDP the module path is looked up in the state dict: "Missing key: ...embedding.weight".
+        set_model_state_dict(model, state["model"], options=StateDictOptions(dsd_fqn_modifiers="_load_fqn_modifiers"))
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
         if scheduler is not None:
@@ -616,14 +618,34 @@ def export_model(model: torch.nn.Module, directory: str | os.PathLike, config: A
     under FSDP (full state dict gathered to rank 0); only rank 0 writes. Written to a temporary folder and
     renamed, so an existing export is replaced only by a complete one.
     """
-    from omegaconf import OmegaConf
-    from safetensors.torch import save_file
+    from safetensors import SafetensorError
 
     directory = Path(directory)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    error: BaseException | None = None
     if _rank() == 0:
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _write_export(model, full, directory, config, step)
+        except (OSError, SafetensorError) as e:
+            error = e
+    if not _all_ranks_ok(error is None):
+        kept = "the previous export is intact; " if directory.exists() else ""
+        raise CheckpointError(f"export to {directory} failed ({_describe(error) if error else 'on rank 0'}); "
+                              f"{kept}the checkpoints are kept: free space and rerun to export") from None
+    _barrier()
+    return directory
+
+
+def _write_export(model: torch.nn.Module, full: dict[str, Any], directory: Path, config: Any,
+                  step: int | None) -> None:
+    """Rank 0's part of ``export_model``: write ``directory.tmp`` and rename it over ``directory``; a failed write
+    removes the partial folder."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
         tmp.mkdir(parents=True)
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in full.items() if isinstance(v, torch.Tensor)}
         if hasattr(model, "save_pretrained"):
@@ -638,11 +660,12 @@ def export_model(model: torch.nn.Module, directory: str | os.PathLike, config: A
                 OmegaConf.to_yaml(OmegaConf.create(config)))
             header = f"{_EXPORT_STEP_PREFIX}{int(step)}\n" if step is not None else ""
             (tmp / "config.yaml").write_text(header + text)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    _barrier()
-    return directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
 
 
 EARLIER_RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.png", "model", "tensorboard")
