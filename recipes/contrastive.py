@@ -198,6 +198,9 @@ class ContrastiveRecipe:
             self.val_set, self.tokenizer, batch_size=int(eval_cfg.get("batch_size", 256)), shuffle=False,
             seed=int(cfg.seed), rank=self.dist.rank, world_size=self.dist.world_size, num_workers=num_workers,
             pin_memory=self.device.type == "cuda", normalize_on_device=normalize_on_device)
+        # Its own generator too: a first evaluation in a process (a resumed one evaluates afresh) must not draw
+        # the worker seed from the global RNG, which dropout uses.
+        self.val_loader.generator = torch.Generator().manual_seed(int(cfg.seed) + 1)
 
         ckpt_cfg = cfg.get("checkpoint", {}) or {}
         self.checkpoints = CheckpointManager(self.output_dir, keep=ckpt_cfg.get("keep", 2), log_fn=print)

@@ -154,6 +154,30 @@ def test_resume_logs_the_same_window_means(tmp_path, monkeypatch):
     assert sorted(_losses(interrupted)) == [4, 8]
 
 
+def test_resume_with_loader_workers_and_dropout_matches_after_an_evaluation(tmp_path, monkeypatch):
+    """The resumed process evaluates afresh (step 6); drawing its loader workers' seed from the global RNG, as the
+    validation loader did, shifted dropout's random stream for every later step."""
+    recipe = _recipe()
+    overrides = {"max_steps": 8, "num_workers": 2, "model.dropout": 0.2}
+    straight = tmp_path / "straight"
+    recipe.main(tiny_cfg(straight, **overrides))
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_5(step):
+        if step == 5:
+            raise Killed()
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(recipe.D, "maybe_inject_fault", die_at_step_5)
+    with pytest.raises(Killed):
+        recipe.main(tiny_cfg(interrupted, **overrides))
+    monkeypatch.undo()
+    recipe.main(tiny_cfg(interrupted, **overrides))
+    assert _losses(interrupted) == _losses(straight)
+
+
 def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path, capsys):
     recipe = _recipe()
     recipe.main(tiny_cfg(tmp_path, max_steps=6, **{"lr_scheduler.num_warmup_steps": 1}))

@@ -167,3 +167,21 @@ def test_export_safetensors_and_config(tmp_path):
 
     assert OmegaConf.to_container(OmegaConf.load(out / "config.yaml")) == {"seed": 3}  # still a config
     assert exported_step(tmp_path / "nowhere") is None
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model, _, _ = _setup()
+    out = export_model(model, tmp_path / "model", {"seed": 3}, step=1)
+    before = (out / "model.safetensors").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(CheckpointError, match=r"export to .*model failed \(no space left on device\); the "
+                                              r"previous export is intact; the checkpoints are kept"):
+        export_model(model, tmp_path / "model", {"seed": 3}, step=2)
+    assert not (tmp_path / "model.tmp").exists()
+    assert (out / "model.safetensors").read_bytes() == before and exported_step(out) == 1
