@@ -6,6 +6,9 @@ One optimizer step, as data flows through it (B = per-rank micro-batch, D = embe
     ContrastiveTask: image_embeds (B, D), text_embeds (B, D) = model.encode_image / encode_text (L2-normalized)
                      loss () = loss_fn(image_embeds, text_embeds, model.get_logit_scale(), model.get_logit_bias())
     x gradient_accumulation_steps micro-batches -> clip grad norm -> NaN policy -> optimizer + schedule step
+    (accumulation_mode: cached, the default: the micro-batches are embedded once without gradient first, and each
+     one's loss covers the whole accumulated batch, as open_clip's --accum-freq; independent: each micro-batch is
+     its own contrastive problem)
 
 The global batch is ``batch_size``: each of the world's ranks takes batch_size / world samples per step, in
 ``gradient_accumulation_steps`` micro-batches; on one GPU the whole step is replayed as a CUDA graph where it can be
@@ -47,6 +50,10 @@ from mmtrain.training.nonfinite import NonFiniteGuard
 from mmtrain.training.retrieval import caption_ids_from_tokens, gather_eval_outputs, retrieval_metrics
 from mmtrain.training.throughput import count_flops, measure_peak_flops, mfu
 
+# cached: every micro-batch's loss covers the whole accumulated batch (open_clip's --accum-freq); independent: each
+# micro-batch is its own contrastive problem (cheaper: no extra forward; fewer negatives)
+ACCUMULATION_MODES = ("cached", "independent")
+
 
 class ContrastiveTask(nn.Module):
     """Dual encoder and loss as one module, so DDP/FSDP and the optimizer see the loss's parameters too
@@ -58,10 +65,29 @@ class ContrastiveTask(nn.Module):
         self.model = model
         self.loss = loss
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cached_images: list[torch.Tensor] | None = None, cached_texts: list[torch.Tensor] | None = None,
+                position: int = 0, direct_grad: bool = True):
+        """One micro-batch's embeddings and the loss. With ``cached_images``/``cached_texts`` (the accumulated
+        batch's embeddings, computed without gradient), this micro-batch's fresh embeddings replace entry
+        ``position`` and the loss covers the whole accumulated batch (``accumulation_mode: cached``); the
+        temperature and bias then get their gradient only where ``direct_grad``, so that the micro-batches' passes
+        add up to the whole batch's gradient once."""
         image_embeds = self.model.encode_image(pixel_values)
         text_embeds = self.model.encode_text(input_ids, attention_mask)
-        loss = self.loss(image_embeds, text_embeds, self.model.get_logit_scale(), self.model.get_logit_bias())
+        scale, bias = self.model.get_logit_scale(), self.model.get_logit_bias()
+        images, texts = image_embeds, text_embeds
+        if cached_images is not None and cached_texts is not None:
+            images = torch.cat([*cached_images[:position], image_embeds, *cached_images[position + 1:]])
+            texts = torch.cat([*cached_texts[:position], text_embeds, *cached_texts[position + 1:]])
+            if not direct_grad:
+                scale = scale.detach()
+                own_bias = getattr(self.loss, "logit_bias", None)  # SigLipLoss's own, for a model without one
+                if bias is not None:
+                    bias = bias.detach()
+                elif isinstance(own_bias, torch.Tensor):
+                    bias = own_bias.detach()
+        loss = self.loss(images, texts, scale, bias)
         return loss, image_embeds, text_embeds
 
     # The dual-encoder interface, so that FSDP registers these as forward methods (eval calls them).
@@ -172,6 +198,10 @@ class ContrastiveRecipe:
         torch.manual_seed(int(cfg.seed) + self.dist.rank)  # per-rank dropout from here on
 
         self.split = D.split_global_batch(int(cfg.batch_size), self.dist.world_size, self._micro_batch())
+        mode = str(cfg.get("accumulation_mode", "cached"))
+        if mode not in ACCUMULATION_MODES:
+            raise ConfigError(f"accumulation_mode: expected one of {', '.join(ACCUMULATION_MODES)}, got {mode!r}")
+        self.cached_accumulation = mode == "cached" and self.split.accumulation_steps > 1
         self.optimizer = self._build_optimizer()
         self.scheduler = instantiate(cfg.lr_scheduler)(self.optimizer, num_training_steps=self.max_steps)
         self.guard = NonFiniteGuard(**(cfg.get("nonfinite", None) or {}))
@@ -342,6 +372,34 @@ class ContrastiveRecipe:
         (loss * scale).backward()
         return loss.detach().float()
 
+    def _cached_accumulation(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
+        """open_clip's feature-cached accumulation: the loss of every micro-batch's pass covers the whole
+        accumulated batch (its negatives too), at the cost of one more forward without gradient.
+
+        Pass 1 embeds every micro-batch without gradient (BatchNorm statistics restored afterwards, so they move
+        once per micro-batch, as in the second pass). Pass j recomputes micro-batch j with gradient in place of its
+        cached embeddings; its backward gives the whole loss's gradient through j's embeddings. Summed over j, that
+        is the whole batch's gradient. Returns the loss (0-dim, detached float32) of the last pass.
+        """
+        buffers = [b.detach().clone() for b in self.inner.buffers()]
+        with torch.no_grad(), self._autocast():
+            cached_images = [self.inner.encode_image(b["pixel_values"]) for b in micro_batches]
+            cached_texts = [self.inner.encode_text(b["input_ids"], b["attention_mask"]) for b in micro_batches]
+        with torch.no_grad():
+            for buffer, saved in zip(self.inner.buffers(), buffers):
+                buffer.copy_(saved)
+        last = len(micro_batches) - 1
+        loss = torch.zeros((), device=self.device)
+        for j, batch in enumerate(micro_batches):
+            # the temperature's own gradient is taken once, in the pass that syncs gradients across ranks
+            with D.grad_sync(self.task, enabled=j == last):
+                with self._autocast():
+                    loss, _, _ = self.task(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                           cached_images=cached_images, cached_texts=cached_texts, position=j,
+                                           direct_grad=j == last)
+                loss.backward()
+        return loss.detach().float()
+
     def _device_skip(self) -> bool:
         """Whether a non-finite step is skipped on the device (fused AdamW's ``found_inf``), so the loss and gradient
         norm reach the host only at log, eval and checkpoint steps instead of with a sync after every step.
@@ -471,7 +529,7 @@ class ContrastiveRecipe:
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_sum = torch.zeros((), device=self.device)
-                for micro in range(accumulation):
+                for micro in range(accumulation if not self.cached_accumulation else 0):
                     batch = self._to_device(next(batches))
                     self.skipped_images += int(batch["num_skipped"])
                     window_samples += int(batch["index"].numel())
@@ -482,6 +540,16 @@ class ContrastiveRecipe:
                         else:
                             loss = self._forward_backward(batch, 1.0 / accumulation)
                     loss_sum += loss
+                if self.cached_accumulation:
+                    micro_batches = [self._to_device(next(batches)) for _ in range(accumulation)]
+                    for batch in micro_batches:
+                        self.skipped_images += int(batch["num_skipped"])
+                        window_samples += int(batch["index"].numel())
+                    if self.flops_per_step is None and self.peak_flops is not None:
+                        self.flops_per_step, loss = count_flops(lambda: self._cached_accumulation(micro_batches))  # noqa: B023
+                    else:
+                        loss = self._cached_accumulation(micro_batches)
+                    loss_sum = loss * accumulation  # the whole batch's loss (divided by accumulation below)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
@@ -687,6 +755,9 @@ def validate(cfg: DictConfig, report) -> None:
     positive_int("max_steps")
     positive_int("batch_size")
     positive_int("gradient_accumulation_steps", allow_none=True)
+    mode = cfg.get("accumulation_mode", "cached")
+    if mode not in ACCUMULATION_MODES:
+        report.error("accumulation_mode", f"expected one of {', '.join(ACCUMULATION_MODES)}, got {mode!r}")
     for key in ("eval.every_n_steps", "checkpoint.every_n_steps"):  # 0 / null: never (check_run_settings agrees)
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):

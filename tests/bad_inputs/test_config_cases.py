@@ -52,6 +52,8 @@ OVERRIDE_CASES = [
                  id="batch-not-divisible-by-accumulation"),
     pytest.param(["gradient_accumulation_steps=-2"], ["gradient_accumulation_steps", "positive integer"],
                  id="negative-accumulation"),
+    pytest.param(["accumulation_mode=sometimes"], ["accumulation_mode", "cached, independent", "sometimes"],
+                 id="unknown-accumulation-mode"),
     pytest.param(["lr_scheduler.num_warmup_steps=-5"], ["lr_scheduler.num_warmup_steps"], id="negative-warmup"),
     pytest.param(["checkpoint.every_n_steps=-1"], ["checkpoint.every_n_steps"], id="negative-checkpoint-interval"),
     pytest.param(["tokenizer.max_length=0"], ["tokenizer.max_length"], id="zero-text-length"),

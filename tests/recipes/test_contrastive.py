@@ -178,6 +178,38 @@ def test_resume_with_loader_workers_and_dropout_matches_after_an_evaluation(tmp_
     assert _losses(interrupted) == _losses(straight)
 
 
+def _tiny_clip(output_dir, **overrides):
+    cfg = tiny_cfg(output_dir, max_steps=2, batch_size=16, **{"eval.every_n_steps": 100, **overrides})
+    cfg.model = {"_target_": "mmtrain.models.clip._dual_builders.clip_tiny", "vocab_size": 72, "image_size": 16,
+                 "context_length": 12, "embed_dim": 16}
+    cfg.loss = {"_target_": "mmtrain.losses.ClipLoss"}
+    return cfg
+
+
+@pytest.mark.parametrize("mode", ["cached", "independent"])
+def test_cached_accumulation_trains_like_the_whole_batch(tmp_path, mode):
+    """accumulation_mode=cached: 4 micro-batches of 4 give the 16-sample batch's loss and update (every micro-batch
+    sees the other 12 samples as negatives; the temperature's gradient counted once); independent does not."""
+    from safetensors.torch import load_file
+
+    recipe = _recipe()
+    recipe.main(_tiny_clip(tmp_path / "whole"))
+    recipe.main(_tiny_clip(tmp_path / mode, gradient_accumulation_steps=4, accumulation_mode=mode))
+    whole, accumulated = _losses(tmp_path / "whole"), _losses(tmp_path / mode)
+    a = load_file(str(tmp_path / "whole" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / mode / "model" / "model.safetensors"))
+    if mode == "cached":
+        assert accumulated[1] == pytest.approx(whole[1], rel=1e-6)
+        assert accumulated[2] == pytest.approx(whole[2], rel=1e-5)
+        for key in a:
+            if key.endswith("k_proj.bias"):
+                continue  # softmax ignores a key bias: its gradient is rounding noise, which Adam scales up to lr
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    else:
+        assert accumulated[1] < whole[1] - 0.5  # ln 4 negatives per row against ln 16
+        assert not torch.allclose(a["logit_scale"], b["logit_scale"], rtol=0, atol=1e-6)
+
+
 def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path, capsys):
     recipe = _recipe()
     recipe.main(tiny_cfg(tmp_path, max_steps=6, **{"lr_scheduler.num_warmup_steps": 1}))
