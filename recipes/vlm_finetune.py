@@ -144,9 +144,16 @@ def _batch_indices(step: int, batch_size: int, num_samples: int, seed: int) -> l
     return out
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy: position t predicts labels[t + 1]; -100 labels (prompt, padding) are ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts labels[t + 1]; -100 labels (prompt, padding) are ignored.
+    ``reduction``: "mean" over the answer tokens, or "sum" (the training step divides by the step's token count)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                           reduction=reduction)
+
+
+def answer_tokens(labels: torch.Tensor) -> int:
+    """How many tokens ``answer_loss`` scores in ``labels`` (B, S)."""
+    return int((labels[:, 1:] != IGNORE).sum())
 
 
 @torch.no_grad()
@@ -338,14 +345,21 @@ def main(cfg: DictConfig) -> dict:
         mine = indices[rank * split.per_rank_batch_size: (rank + 1) * split.per_rank_batch_size]
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
-        for m in range(split.accumulation_steps):
-            micro = mine[m * split.micro_batch_size: (m + 1) * split.micro_batch_size]
-            batch = _to_device(padded_collate_tiled_images_and_mask([train_ds[i] for i in micro],
-                                                                    padding_idx=tokenizer.pad_id), device)
+        micro_batches = [padded_collate_tiled_images_and_mask(
+            [train_ds[i] for i in mine[m * split.micro_batch_size: (m + 1) * split.micro_batch_size]],
+            padding_idx=tokenizer.pad_id) for m in range(split.accumulation_steps)]
+        # Each token weighs the same in the step's loss, as in torchtune: divide by the step's answer tokens over
+        # all micro-batches and ranks, not by micro-batch means (which weigh a short answer's tokens more, so the
+        # update would depend on micro_batch_size and the number of ranks). x world: DDP/FSDP average over ranks.
+        step_tokens = all_reduce_mean(torch.tensor(float(sum(answer_tokens(b["labels"]) for b in micro_batches)),
+                                                   device=device)) * world
+        token_scale = world / step_tokens.clamp(min=1.0)
+        for batch in micro_batches:
+            batch = _to_device(batch, device)
             with autocast():
                 logits = model(batch["tokens"], encoder_input=batch["encoder_input"],
                                encoder_mask=batch["encoder_mask"])
-                loss = answer_loss(logits, batch["labels"]) / split.accumulation_steps
+                loss = answer_loss(logits, batch["labels"], reduction="sum") * token_scale
             loss.backward()
             loss_sum += loss.detach()
         # As in contrastive: 0 or null is no clipping (the norm is still measured and logged).

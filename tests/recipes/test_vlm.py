@@ -97,3 +97,57 @@ def test_rerun_of_a_finished_run_says_so_and_writes_nothing(tmp_path) -> None:
     assert main(args) == 0
     assert (out / "metrics.jsonl").read_text() == metrics_before
     assert (out / "model" / "model.safetensors").stat().st_mtime_ns == written
+
+
+CHAT_CONFIG = """
+defaults:
+  - /model: llama3_2_vision_tiny
+  - _self_
+output_dir: out
+seed: 0
+device: cpu
+max_steps: 2
+resume: auto
+batch_size: 4
+micro_batch_size: 4
+precision: fp32
+distributed: {{strategy: none}}
+tokenizer: {{_target_: mmtrain.data.vqa.vqa_tokenizer, image_token_id: 128, max_seq_len: 48}}
+dataset: {{_target_: mmtrain.data.vqa.chat_vqa_dataset, train_files: {data}, tile_size: 32, patch_size: 8}}
+optimizer: {{_target_: torch.optim.AdamW, _partial_: true, lr: 1.0e-3}}
+checkpoint: {{every_n_steps: 0}}
+eval: {{every_n_steps: 0, batch_size: 1, max_new_tokens: 1, max_samples: 1}}
+log: {{every_n_steps: 1, wandb: false, progress_bar: false}}
+"""
+
+
+def test_micro_batches_weigh_every_answer_token_alike(tmp_path) -> None:
+    """Answers of 1 to 12 words: the step's loss is the mean over all its answer tokens (torchtune's weighting),
+    so splitting the batch of 4 into micro-batches of 1 trains like the whole batch (it weighed each micro-batch's
+    mean alike, so a one-word answer's token counted 12 times as much as a long answer's)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from mmtrain.cli.main import main
+
+    Image.fromarray(np.zeros((32, 32, 3), dtype="uint8")).save(tmp_path / "img.png")
+    answers = ["red", "a big blue circle", "two small green squares on the left", "one " * 12]
+    rows = [{"messages": [{"role": "user", "content": "<|image|> what is it ?"},
+                          {"role": "assistant", "content": answer.strip()}], "images": ["img.png"]}
+            for answer in answers]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "chat.yaml"
+    config.write_text(CHAT_CONFIG.format(data=tmp_path / "chat.jsonl"))
+    base = ["run", "vlm_finetune", "--config", str(config)]
+    losses, weights = {}, {}
+    for micro in (4, 1):
+        out = tmp_path / f"micro{micro}"
+        assert main([*base, f"output_dir={out}", f"micro_batch_size={micro}"]) == 0
+        losses[micro] = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                         if "loss" in r]
+        weights[micro] = load_file(out / "model" / "model.safetensors")
+    assert losses[1] == pytest.approx(losses[4], rel=1e-5)
+    for key, value in weights[4].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-5, msg=key)

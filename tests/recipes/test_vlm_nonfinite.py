@@ -28,9 +28,9 @@ def _recipe():
 def _nan_from_call(recipe, monkeypatch, first_bad_call, last_bad_call=None):
     original, calls = recipe.answer_loss, {"n": 0}
 
-    def answer_loss(logits, labels):
+    def answer_loss(logits, labels, **kwargs):
         calls["n"] += 1
-        loss = original(logits, labels)
+        loss = original(logits, labels, **kwargs)
         bad = calls["n"] >= first_bad_call and (last_bad_call is None or calls["n"] <= last_bad_call)
         return loss * float("nan") if bad else loss
 
