@@ -9,14 +9,15 @@ Shapes: x (..., in_dim) -> (..., out_dim).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LORA_ATTN_MODULES", "LoRALinear", "apply_lora", "lora_param_names"]
+__all__ = ["LORA_ATTN_MODULES", "LoRALinear", "apply_lora", "disable_adapter", "lora_param_names"]
 
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
@@ -38,6 +39,9 @@ class LoRALinear(nn.Module):
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.in_dim, self.out_dim, self.rank, self.alpha = in_dim, out_dim, rank, alpha
+        self.use_bias = use_bias
+        # torchtune's switch (its disable_adapter context manager sets it): True gives the base layer's output only
+        self.disabled = False
         self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
         self.bias = nn.Parameter(torch.zeros(out_dim)) if use_bias else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -71,7 +75,24 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
+        if self.disabled:
+            return out
         return out + self.lora_b(self.lora_a(self.dropout(x))) * (self.alpha / self.rank)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every ``LoRALinear`` in ``model`` computes its base layer only (torchtune's
+    ``disable_adapter``: e.g. the reference model of a preference loss, without a second copy of the weights)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    previous = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, previous):
+            m.disabled = was
 
 
 def apply_lora(

@@ -31,3 +31,19 @@ def test_apply_lora_to_decoder_attention() -> None:
     assert not any(n.startswith("encoder.") for n in trainable)
     assert "decoder.layers.0.attn.q_proj.weight" in model.state_dict()
     assert not apply_lora(nn.Linear(2, 2), ["q_proj"])
+
+
+def test_disable_adapter_gives_the_base_layer_and_restores():
+    from mmtrain.modules.lora import LoRALinear, disable_adapter
+
+    torch.manual_seed(0)
+    layer = LoRALinear(6, 5, rank=2, alpha=4.0, use_bias=True).double()
+    torch.nn.init.normal_(layer.lora_b.weight)  # a trained adapter: not zero
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    base = x @ layer.weight.T + layer.bias  # float64 reference: W x + b
+    with disable_adapter(model):
+        torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    adapted = base + (x @ layer.lora_a.weight.T @ layer.lora_b.weight.T) * 2.0
+    torch.testing.assert_close(model(x), adapted)
+    assert layer.disabled is False and layer.use_bias is True
