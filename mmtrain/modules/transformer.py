@@ -109,10 +109,8 @@ class FeedForward(nn.Module):
 
 
 def _cache_enabled(attn: nn.Module) -> bool:
-    enabled = getattr(attn, "cache_enabled", None)
-    if enabled is not None:
-        return bool(enabled)
-    return getattr(attn, "kv_cache", None) is not None
+    """A cache is set up and not switched off (``cache_enabled``: torchtune's disable_kv_cache)."""
+    return getattr(attn, "kv_cache", None) is not None and bool(getattr(attn, "cache_enabled", True))
 
 
 class TransformerSelfAttentionLayer(nn.Module):

@@ -149,6 +149,29 @@ def test_cached_decoding_takes_masks_over_the_whole_cache_length() -> None:
         torch.testing.assert_close(logits[0], decoder(tokens), rtol=1e-5, atol=1e-5)
 
 
+def test_switched_off_caches_are_neither_read_nor_grown() -> None:
+    """torchtune's disable_kv_cache sets ``cache_enabled = False`` on the attention modules: the forward is the
+    uncached one and the caches keep what they held (mmtrain read and appended to them anyway)."""
+    torch.manual_seed(0)
+    decoder = llama3_2_vision_decoder(**CFG).eval()
+    first, second = torch.randint(0, 50, (1, 6)), torch.randint(0, 50, (1, 6))
+    decoder.setup_caches(1, torch.float32, decoder_max_seq_len=16)
+    attentions = [m for m in decoder.modules() if hasattr(m, "kv_cache") and m.kv_cache is not None]
+    with torch.no_grad():
+        decoder(first)
+        sizes = [int(m.kv_cache.size) for m in attentions]
+        for module in attentions:
+            module.cache_enabled = False
+        assert not decoder.caches_are_enabled()
+        switched_off = decoder(second)
+        for module in attentions:
+            module.cache_enabled = True
+        assert decoder.caches_are_enabled()
+        assert [int(m.kv_cache.size) for m in attentions] == sizes
+        decoder.delete_caches()
+        torch.testing.assert_close(switched_off, decoder(second), rtol=0, atol=0)
+
+
 def test_decoder_rejects_too_long_input_and_single_layer_needs_count() -> None:
     decoder = llama3_2_vision_decoder(**{**CFG, "max_seq_len": 4})
     with pytest.raises(ValueError, match="max_seq_len"):

@@ -203,7 +203,8 @@ class MultiHeadAttention(nn.Module):
         else:
             q_flat = self.q_proj(x)
         q = q_flat.view(b, s_x, self.num_heads, self.head_dim)
-        cache = self.kv_cache
+        # torchtune's disable_kv_cache sets cache_enabled=False: attend without reading or growing the cache
+        cache = self.kv_cache if getattr(self, "cache_enabled", True) else None
         use_cached_kv = y is None and cache is not None and cache.size > 0 and not self.is_causal
         if input_pos is None and cache is not None and self.is_causal:
             input_pos = torch.arange(cache.size, cache.size + s_x, device=x.device)
