@@ -121,9 +121,10 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     decoder = getattr(model, "decoder", model)
     limit = getattr(decoder, "max_seq_len", None)
-    if isinstance(limit, int) and prompt.shape[1] + max_new_tokens > limit:
+    # The last new token is returned, never fed back: the model sees prompt + max_new_tokens - 1 positions.
+    if isinstance(limit, int) and prompt.shape[1] + max_new_tokens - 1 > limit:
         raise ValueError(f"a prompt of {prompt.shape[1]} tokens plus max_new_tokens={max_new_tokens} is more than "
-                         f"the model's max_seq_len {limit}")
+                         f"the model's max_seq_len {limit} + 1")
     options = dict(max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, stop_early=stop_early,
                    cache_dtype=cache_dtype)
     if not _self_attention_takes_masks(model):
@@ -166,7 +167,12 @@ def _greedy(
     try:
         if use_cache:
             encoder_len = encoder_mask.shape[-1] if encoder_mask is not None else None
-            model.setup_caches(b, cache_dtype or _param_dtype(model), encoder_max_seq_len=encoder_len, decoder_max_seq_len=total)
+            if encoder_len is None and encoder_input is not None and hasattr(model, "encoder"):
+                # no mask to read the length from: the cross-attention cache must hold the whole encoder output
+                encoder_len = model.encoder(**encoder_input).shape[1]
+            # positions fed to the model: the prompt and every new token but the last
+            model.setup_caches(b, cache_dtype or _param_dtype(model), encoder_max_seq_len=encoder_len,
+                               decoder_max_seq_len=max(s, total - 1))
             logits = model(prompt, mask=mask[:, :s, :s], encoder_input=encoder_input, encoder_mask=encoder_mask,
                            input_pos=positions[:, :s])
         else:

@@ -1,5 +1,6 @@
 """Llama 3.2 Vision builders: torchtune key names, the 11B parameter count from its shapes, cached generation."""
 
+import pytest
 import torch
 
 from mmtrain.data.collate import padded_collate_tiled_images_and_mask
@@ -121,3 +122,29 @@ def test_generation_with_a_mechanism_that_takes_no_mask_decodes_each_row_unpadde
                 tokens = torch.cat([tokens, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
                 encoder_mask = torch.cat([encoder_mask, encoder_mask[:, -1:]], dim=1)
             assert torch.equal(out[row, padding:], tokens[0]) and (out[row, :padding] == 0).all()
+
+
+def test_cached_generation_without_an_encoder_mask_and_up_to_max_seq_len_plus_one() -> None:
+    """No encoder mask: the cross-attention cache is sized to the encoder output, here longer than the decoder's
+    max_seq_len (it was sized to max_seq_len and failed). And the last new token is never fed back, so
+    prompt + max_new_tokens may be max_seq_len + 1, as in torchtune."""
+    from mmtrain.data.vqa import ShapesVQA, VQATokenizer
+
+    torch.manual_seed(0)
+    prompts = [ShapesVQA("validation", 2, VQATokenizer()).prompt_sample(i)[0] for i in range(2)]
+    batch = padded_collate_tiled_images_and_mask(prompts, pad_direction="left")
+    prompt_len = batch["tokens"].shape[1]
+    model = llama3_2_vision_tiny(max_seq_len=prompt_len + 3)
+    with torch.no_grad():
+        encoder_len = model.encoder(**batch["encoder_input"]).shape[1]
+        for name, p in model.named_parameters():
+            if name.endswith("scale"):
+                p.fill_(0.8)
+    assert encoder_len > model.decoder.max_seq_len
+    kwargs = dict(max_new_tokens=4, pad_id=0, encoder_input=batch["encoder_input"], encoder_mask=None,
+                  stop_early=False)
+    cached = generate(model, batch["tokens"], use_cache=True, **kwargs)
+    assert cached.shape == (2, prompt_len + 4)
+    assert torch.equal(cached, generate(model, batch["tokens"], use_cache=False, **kwargs))
+    with pytest.raises(ValueError, match="max_new_tokens=5 is more than the model's max_seq_len"):
+        generate(model, batch["tokens"], **{**kwargs, "max_new_tokens": 5})
