@@ -185,6 +185,20 @@ def set_trainable_params(model: nn.Module, trainable: Iterable[str]) -> None:
         param.requires_grad_(name in names)
 
 
+def _trainable_flag(value: Any, name: str) -> bool:
+    """True/False, or torchtune's "full"/"frozen" (a plain truth test would make "frozen" trainable)."""
+    if isinstance(value, bool):
+        return value
+    if value == "full":
+        return True
+    if value == "frozen":
+        return False
+    if value == "lora":
+        raise ValueError(f"{name}='lora' (torchtune's LoRA builders) is not supported: set {name}=False and give "
+                         "lora_attn_modules; mmtrain's adapters go on the decoder's attention projections")
+    raise ValueError(f"{name} must be True, False, 'full' or 'frozen', got {value!r}")
+
+
 class DeepFusionModel(nn.Module):
     """An encoder fused into a decoder whose cross-attention layers read the encoder output.
 
@@ -213,6 +227,9 @@ class DeepFusionModel(nn.Module):
         if isinstance(projection, nn.Module) and not callable(getattr(projection, "fusion_params", None)) \
                 and not getattr(projection, "_fusion_module", False):
             register_fusion_module(projection)
+        decoder_trainable = _trainable_flag(decoder_trainable, "decoder_trainable")
+        encoder_trainable = _trainable_flag(encoder_trainable, "encoder_trainable")
+        fusion_trainable = _trainable_flag(fusion_trainable, "fusion_trainable")
         trainable: set[str] = set()
         if encoder_trainable:
             trainable |= {f"encoder.{n}" for n, _ in encoder.named_parameters()}

@@ -1,5 +1,6 @@
 """FusionLayer / FusionEmbedding / DeepFusionModel: identity at init, key names, trainable parts."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -61,3 +62,15 @@ def test_trainable_parts_follow_flags() -> None:
     assert "decoder.tok_embeddings.embedding.weight" not in trainable
     frozen_fusion = llama3_2_vision_tiny(decoder_trainable=True, encoder_trainable=True, fusion_trainable=False)
     assert not any(p.requires_grad for n, p in frozen_fusion.named_parameters() if ".fusion_layer." in n)
+
+
+def test_trainable_flags_take_torchtunes_full_and_frozen_and_refuse_the_rest() -> None:
+    def trainable(**flags):
+        return {n.split(".")[0] for n, p in llama3_2_vision_tiny(**flags).named_parameters() if p.requires_grad}
+
+    assert trainable(decoder_trainable="frozen", encoder_trainable="frozen", fusion_trainable="frozen") == set()
+    assert trainable(decoder_trainable="full", encoder_trainable=False, fusion_trainable=False) == {"decoder"}
+    with pytest.raises(ValueError, match="decoder_trainable='lora'.*lora_attn_modules"):
+        llama3_2_vision_tiny(decoder_trainable="lora")
+    with pytest.raises(ValueError, match="must be True, False, 'full' or 'frozen'"):
+        llama3_2_vision_tiny(encoder_trainable="yes")
