@@ -1,4 +1,4 @@
-"""Greedy decoding for decoder and fusion models, with KV caches.
+"""Greedy decoding (or sampling, as torchtune's ``sample``) for decoder and fusion models, with KV caches.
 
 The prompt is processed once ("prefill"); then each step feeds only the newest token: self-attention reads its
 KV cache, and cross-attention reads keys/values of the encoder output that were cached at prefill (the encoder
@@ -15,6 +15,10 @@ Shapes:
     encoder_input: dict for ``model.encoder`` (e.g. images (b, i, t, 3, H, W), aspect_ratio (b, i, 2)) or None
     encoder_mask: bool (b, s, s_e) or None; generated tokens reuse the last prompt row (they follow the images)
     -> long (b, s + n): prompt and n <= max_new_tokens generated tokens (``pad_id`` after a row's stop token)
+
+Sampling (``temperature > 0``): logits / temperature, the ``top_k`` largest kept, softmax, then one token per row
+drawn as argmax(probs / q) with q ~ Exponential(1) from ``rng`` (torchtune's draw: the same rng gives the same
+tokens on a plain decoder). ``temperature=0`` (the default) is greedy.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["causal_mask_from_padding", "generate"]
+__all__ = ["causal_mask_from_padding", "generate", "next_token"]
 
 
 def causal_mask_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:
@@ -72,6 +76,20 @@ def _generate_row_by_row(model: nn.Module, prompt: torch.Tensor, pad_id: int, en
     return out
 
 
+def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+               rng: torch.Generator | None = None) -> torch.Tensor:
+    """(b, vocab) logits -> (b,) long: argmax when ``temperature`` is 0, else a draw (see the module docstring)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    scaled = logits.float() / temperature
+    if top_k is not None:
+        pivot = scaled.topk(min(int(top_k), scaled.shape[-1]), dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < pivot, float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    q = torch.empty_like(probs).exponential_(1, generator=rng)
+    return (probs / q).argmax(dim=-1)
+
+
 def _left_padding(prompt_row: torch.Tensor, pad_id: int) -> int:
     return int((prompt_row == pad_id).long().cumprod(dim=0).sum())
 
@@ -96,8 +114,11 @@ def generate(
     use_cache: bool = True,
     stop_early: bool = True,
     cache_dtype: torch.dtype | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    rng: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Greedy decoding (argmax each step).
+    """Greedy decoding (argmax each step), or sampling with ``temperature > 0``.
 
     Args:
         model: ``DeepFusionModel`` or ``TransformerDecoder`` (``forward(tokens, mask=, encoder_input=,
@@ -112,6 +133,7 @@ def generate(
             number of forward passes.
         cache_dtype: dtype of the KV caches (default: the parameters' dtype; pass the compute dtype under
             FSDP mixed precision, where parameters stay float32 but keys and values are bf16).
+        temperature, top_k, rng: 0 (greedy), or sample as torchtune's ``sample`` (see the module docstring).
 
     The model's caches are removed on return, so training can continue with the same module.
     """
@@ -125,8 +147,10 @@ def generate(
     if isinstance(limit, int) and prompt.shape[1] + max_new_tokens - 1 > limit:
         raise ValueError(f"a prompt of {prompt.shape[1]} tokens plus max_new_tokens={max_new_tokens} is more than "
                          f"the model's max_seq_len {limit} + 1")
+    if temperature < 0 or (top_k is not None and int(top_k) < 1):
+        raise ValueError(f"temperature must be >= 0 and top_k >= 1 or None, got {temperature} and {top_k}")
     options = dict(max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, stop_early=stop_early,
-                   cache_dtype=cache_dtype)
+                   cache_dtype=cache_dtype, temperature=temperature, top_k=top_k, rng=rng)
     if not _self_attention_takes_masks(model):
         return _generate_row_by_row(model, prompt, pad_id, encoder_input, encoder_mask, **options)
     return _greedy(model, prompt, pad_id=pad_id, encoder_input=encoder_input, encoder_mask=encoder_mask,
@@ -146,6 +170,9 @@ def _greedy(
     stop_early: bool,
     cache_dtype: torch.dtype | None,
     masked: bool,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    rng: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``generate``'s loop; ``masked=False``: an unpadded prompt, no attention mask (the model's causal attention
     alone), no cache."""
@@ -179,16 +206,16 @@ def _greedy(
             logits = model(prompt, mask=None if mask is None else mask[:, :s, :s], encoder_input=encoder_input,
                            encoder_mask=encoder_mask, input_pos=positions[:, :s])
         for step in range(max_new_tokens):
-            next_token = logits[:, -1].argmax(dim=-1)
-            next_token = torch.where(done, torch.full_like(next_token, pad_id), next_token)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            new = next_token(logits[:, -1], temperature, top_k, rng)
+            new = torch.where(done, torch.full_like(new, pad_id), new)
+            tokens = torch.cat([tokens, new[:, None]], dim=1)
             if stops.numel():
-                done = done | torch.isin(next_token, stops)
+                done = done | torch.isin(new, stops)
             if step == max_new_tokens - 1 or (stop_early and bool(done.all())):
                 break
-            cur = s + step  # position of next_token
+            cur = s + step  # position of the new token
             if use_cache:
-                logits = model(next_token[:, None], mask=mask[:, cur : cur + 1, : cur + 1], encoder_input=None,
+                logits = model(new[:, None], mask=mask[:, cur : cur + 1, : cur + 1], encoder_input=None,
                                encoder_mask=last_encoder_row, input_pos=positions[:, cur : cur + 1])
             else:
                 rows = None

@@ -83,7 +83,9 @@ def main(cfg: DictConfig) -> dict:
     try:
         out = generate(model, tokens, max_new_tokens=int(cfg.get("max_new_tokens", 8)), pad_id=tokenizer.pad_id,
                        stop_tokens=tokenizer.stop_tokens, encoder_input=encoder_input,
-                       encoder_mask=batch["encoder_mask"].to(device))
+                       encoder_mask=batch["encoder_mask"].to(device),
+                       temperature=float(cfg.get("temperature", 0.0) or 0.0), top_k=cfg.get("top_k"),
+                       rng=torch.Generator(device=device).manual_seed(int(cfg.get("seed", 0))))
     except ValueError as err:
         if "max_new_tokens" in str(err):
             raise ConfigError(f"max_new_tokens: {err}") from None
@@ -106,6 +108,12 @@ def validate(cfg: DictConfig, report: Any) -> None:
     new_tokens = OmegaConf.select(cfg, "max_new_tokens", default=8)
     if not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 1:
         report.error("max_new_tokens", f"must be a positive integer, got {new_tokens!r}")
+    temperature = OmegaConf.select(cfg, "temperature", default=0.0)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
+        report.error("temperature", f"must be a number >= 0 (0: greedy), got {temperature!r}")
+    top_k = OmegaConf.select(cfg, "top_k", default=None)
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        report.error("top_k", f"must be a positive integer or null, got {top_k!r}")
 
 
 if __name__ == "__main__":

@@ -185,6 +185,8 @@ GENERATE_CASES = [
     pytest.param(["checkpoint=null", "max_new_tokens=500"], ["max_new_tokens", "max_seq_len"],
                  id="generate-past-max-seq-len"),
     pytest.param(["max_new_tokens=-1"], ["max_new_tokens", "positive integer"], id="generate-negative-tokens"),
+    pytest.param(["temperature=-1.0"], ["temperature", ">= 0"], id="generate-negative-temperature"),
+    pytest.param(["top_k=0"], ["top_k", "positive integer or null"], id="generate-zero-top-k"),
     pytest.param(["checkpoint=null", "image=shapes:validation:-5"], ["image=shapes:validation:-5", "INDEX must be >= 0"],
                  id="generate-negative-scene-index"),
     pytest.param(["device=bogus"], ["key 'device'", "bogus"], id="generate-unknown-device"),

@@ -148,3 +148,40 @@ def test_cached_generation_without_an_encoder_mask_and_up_to_max_seq_len_plus_on
     assert torch.equal(cached, generate(model, batch["tokens"], use_cache=False, **kwargs))
     with pytest.raises(ValueError, match="max_new_tokens=5 is more than the model's max_seq_len"):
         generate(model, batch["tokens"], **{**kwargs, "max_new_tokens": 5})
+
+
+def test_next_token_samples_the_tempered_top_k_distribution() -> None:
+    from mmtrain.generation import next_token
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]]).expand(20000, -1)
+    assert torch.equal(next_token(logits), torch.zeros(20000, dtype=torch.long))  # temperature 0: argmax
+    rng = torch.Generator().manual_seed(0)
+    draws = next_token(logits, temperature=0.7, top_k=3, rng=rng)
+    kept = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64) / 0.7  # float64 reference: softmax over the top 3
+    expected = torch.exp(kept) / torch.exp(kept).sum()
+    counts = torch.bincount(draws, minlength=5).double() / 20000
+    assert counts[3] == counts[4] == 0
+    torch.testing.assert_close(counts[:3], expected, atol=0.015, rtol=0)
+    again = next_token(logits, temperature=0.7, top_k=3, rng=torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+def test_sampled_generation_is_reproducible_and_top_k_one_is_greedy() -> None:
+    from mmtrain.data.vqa import ShapesVQA, VQATokenizer
+
+    torch.manual_seed(0)
+    model = llama3_2_vision_tiny()
+    prompts = [ShapesVQA("validation", 3, VQATokenizer()).prompt_sample(i)[0] for i in range(3)]
+    batch = padded_collate_tiled_images_and_mask(prompts, pad_direction="left")
+    kwargs = dict(max_new_tokens=5, pad_id=0, encoder_input=batch["encoder_input"],
+                  encoder_mask=batch["encoder_mask"], stop_early=False)
+    greedy = generate(model, batch["tokens"], **kwargs)
+    assert torch.equal(generate(model, batch["tokens"], temperature=1.0, top_k=1, **kwargs), greedy)
+    first = generate(model, batch["tokens"], temperature=5.0, rng=torch.Generator().manual_seed(3), **kwargs)
+    second = generate(model, batch["tokens"], temperature=5.0, rng=torch.Generator().manual_seed(3), **kwargs)
+    assert torch.equal(first, second) and not torch.equal(first, greedy)
+    uncached = generate(model, batch["tokens"], temperature=5.0, rng=torch.Generator().manual_seed(3),
+                        use_cache=False, **kwargs)
+    assert torch.equal(uncached, first)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        generate(model, batch["tokens"], temperature=-1.0, **kwargs)
