@@ -655,6 +655,7 @@ def _write_export(model: torch.nn.Module, full: dict[str, Any], directory: Path,
                 model.save_pretrained(tmp)
         else:
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_lora_adapters(model, tensors, tmp)
         if config is not None:
             text = OmegaConf.to_yaml(config, resolve=True) if OmegaConf.is_config(config) else (
                 OmegaConf.to_yaml(OmegaConf.create(config)))
@@ -666,6 +667,27 @@ def _write_export(model: torch.nn.Module, full: dict[str, Any], directory: Path,
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)
+
+
+def _write_lora_adapters(model: torch.nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """With LoRA adapters in ``model``, also write them alone, as torchtune's LoRA recipe does:
+    ``adapter_model.safetensors`` (the ``lora_a``/``lora_b`` tensors, under the export's key names) and
+    ``adapter_config.json`` (PEFT's fields: ``r``, ``lora_alpha``, ``target_modules``, ``peft_type``)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mmtrain.modules.lora import LoRALinear
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    adapters = {k: v for k, v in tensors.items() if k.endswith((".lora_a.weight", ".lora_b.weight"))}
+    if not layers or not adapters:
+        return
+    first = next(iter(layers.values()))
+    save_file(adapters, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    settings = {"r": first.rank, "lora_alpha": first.alpha, "peft_type": "LORA",
+                "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers})}
+    (folder / "adapter_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 EARLIER_RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.png", "model", "tensorboard")

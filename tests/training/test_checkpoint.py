@@ -185,3 +185,24 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path
         export_model(model, tmp_path / "model", {"seed": 3}, step=2)
     assert not (tmp_path / "model.tmp").exists()
     assert (out / "model.safetensors").read_bytes() == before and exported_step(out) == 1
+
+
+def test_export_of_a_lora_model_writes_the_adapters_alone_too(tmp_path):
+    from safetensors.torch import load_file
+
+    from mmtrain.modules.lora import apply_lora
+
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.q_proj, block.v_proj, block.w1 = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 8)
+    model = nn.Sequential(block)
+    apply_lora(model, ["q_proj", "v_proj"], rank=2, alpha=4.0)
+    out = export_model(model, tmp_path / "model", {"seed": 3}, step=1)
+    weights, adapters = load_file(str(out / "model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert sorted(adapters) == sorted(k for k in weights if ".lora_" in k) == [
+        "0.q_proj.lora_a.weight", "0.q_proj.lora_b.weight", "0.v_proj.lora_a.weight", "0.v_proj.lora_b.weight"]
+    assert all(torch.equal(adapters[k], weights[k]) for k in adapters)
+    assert json.loads((out / "adapter_config.json").read_text()) == {
+        "r": 2, "lora_alpha": 4.0, "peft_type": "LORA", "target_modules": ["q_proj", "v_proj"]}
+    plain = export_model(nn.Linear(2, 2), tmp_path / "plain")
+    assert not (plain / "adapter_model.safetensors").exists()
