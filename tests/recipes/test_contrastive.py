@@ -72,10 +72,11 @@ def test_end_to_end_writes_everything_and_loss_falls(tmp_path, capsys):
     assert "done: 12 steps" in out and str(tmp_path) in out
 
 
-def test_resume_continues_bit_identically(tmp_path, monkeypatch):
-    recipe = _recipe()
-    straight = tmp_path / "straight"
-    recipe.main(tiny_cfg(straight))
+def _straight_and_killed_at_5(recipe, tmp_path, monkeypatch, **overrides):
+    """An uninterrupted run, and one killed at step 5 (after the step-3 checkpoint) then rerun (resume: auto).
+    Returns their output_dirs and the rerun's summary."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    recipe.main(tiny_cfg(straight, **overrides))
 
     class Killed(Exception):
         pass
@@ -84,13 +85,17 @@ def test_resume_continues_bit_identically(tmp_path, monkeypatch):
         if step == 5:
             raise Killed()
 
-    interrupted = tmp_path / "interrupted"
     monkeypatch.setattr(recipe.D, "maybe_inject_fault", die_at_step_5)
     with pytest.raises(Killed):
-        recipe.main(tiny_cfg(interrupted))
+        recipe.main(tiny_cfg(interrupted, **overrides))
     monkeypatch.undo()
     assert [p.name for p in (interrupted / "checkpoints").iterdir()] == ["step_00000003"]
-    summary = recipe.main(tiny_cfg(interrupted))  # resume: auto
+    return straight, interrupted, recipe.main(tiny_cfg(interrupted, **overrides))
+
+
+def test_resume_continues_bit_identically(tmp_path, monkeypatch):
+    recipe = _recipe()
+    straight, interrupted, summary = _straight_and_killed_at_5(recipe, tmp_path, monkeypatch)
     assert summary["steps"] == 6
 
     expected, resumed = _losses(straight), _losses(interrupted)
@@ -132,24 +137,8 @@ def test_rerun_of_a_finished_run_neither_evaluates_nor_exports_again(tmp_path, c
 def test_resume_logs_the_same_window_means(tmp_path, monkeypatch):
     """A log line averages the steps since the previous one; a checkpoint inside that window carries its
     partial sum, so the resumed run's line equals the uninterrupted run's."""
-    recipe = _recipe()
-    overrides = {"log.every_n_steps": 4, "max_steps": 8}
-    straight = tmp_path / "straight"
-    recipe.main(tiny_cfg(straight, **overrides))
-
-    class Killed(Exception):
-        pass
-
-    def die_at_step_5(step):
-        if step == 5:
-            raise Killed()
-
-    interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(recipe.D, "maybe_inject_fault", die_at_step_5)
-    with pytest.raises(Killed):
-        recipe.main(tiny_cfg(interrupted, **overrides))
-    monkeypatch.undo()
-    recipe.main(tiny_cfg(interrupted, **overrides))  # resumes at 3, inside the window of steps 1-4
+    straight, interrupted, _ = _straight_and_killed_at_5(  # resumes at 3, inside the window of steps 1-4
+        _recipe(), tmp_path, monkeypatch, **{"log.every_n_steps": 4, "max_steps": 8})
     assert _losses(interrupted) == _losses(straight)
     assert sorted(_losses(interrupted)) == [4, 8]
 
@@ -157,24 +146,8 @@ def test_resume_logs_the_same_window_means(tmp_path, monkeypatch):
 def test_resume_with_loader_workers_and_dropout_matches_after_an_evaluation(tmp_path, monkeypatch):
     """The resumed process evaluates afresh (step 6); drawing its loader workers' seed from the global RNG, as the
     validation loader did, shifted dropout's random stream for every later step."""
-    recipe = _recipe()
-    overrides = {"max_steps": 8, "num_workers": 2, "model.dropout": 0.2}
-    straight = tmp_path / "straight"
-    recipe.main(tiny_cfg(straight, **overrides))
-
-    class Killed(Exception):
-        pass
-
-    def die_at_step_5(step):
-        if step == 5:
-            raise Killed()
-
-    interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(recipe.D, "maybe_inject_fault", die_at_step_5)
-    with pytest.raises(Killed):
-        recipe.main(tiny_cfg(interrupted, **overrides))
-    monkeypatch.undo()
-    recipe.main(tiny_cfg(interrupted, **overrides))
+    straight, interrupted, _ = _straight_and_killed_at_5(
+        _recipe(), tmp_path, monkeypatch, max_steps=8, num_workers=2, **{"model.dropout": 0.2})
     assert _losses(interrupted) == _losses(straight)
 
 
