@@ -529,17 +529,6 @@ class ContrastiveRecipe:
             else:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_sum = torch.zeros((), device=self.device)
-                for micro in range(accumulation if not self.cached_accumulation else 0):
-                    batch = self._to_device(next(batches))
-                    self.skipped_images += int(batch["num_skipped"])
-                    window_samples += int(batch["index"].numel())
-                    with D.grad_sync(self.task, enabled=micro == accumulation - 1):
-                        if self.flops_per_step is None and self.peak_flops is not None:
-                            flops, loss = count_flops(lambda: self._forward_backward(batch, 1.0 / accumulation))  # noqa: B023
-                            self.flops_per_step = flops * accumulation
-                        else:
-                            loss = self._forward_backward(batch, 1.0 / accumulation)
-                    loss_sum += loss
                 if self.cached_accumulation:
                     micro_batches = [self._to_device(next(batches)) for _ in range(accumulation)]
                     for batch in micro_batches:
@@ -550,6 +539,18 @@ class ContrastiveRecipe:
                     else:
                         loss = self._cached_accumulation(micro_batches)
                     loss_sum = loss * accumulation  # the whole batch's loss (divided by accumulation below)
+                else:
+                    for micro in range(accumulation):
+                        batch = self._to_device(next(batches))
+                        self.skipped_images += int(batch["num_skipped"])
+                        window_samples += int(batch["index"].numel())
+                        with D.grad_sync(self.task, enabled=micro == accumulation - 1):
+                            if self.flops_per_step is None and self.peak_flops is not None:
+                                flops, loss = count_flops(lambda: self._forward_backward(batch, 1.0 / accumulation))  # noqa: B023
+                                self.flops_per_step = flops * accumulation
+                            else:
+                                loss = self._forward_backward(batch, 1.0 / accumulation)
+                        loss_sum += loss
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
