@@ -258,14 +258,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _step_of(path: Path) -> int | None:
-    name = path.name
-    if not name.startswith(STEP_PREFIX):
+def _int_after(prefix: str, text: str) -> int | None:
+    """The integer that follows ``prefix`` in ``text`` (a checkpoint folder's name, an export's first line)."""
+    if not text.startswith(prefix):
         return None
     try:
-        return int(name[len(STEP_PREFIX):])
+        return int(text[len(prefix):])
     except ValueError:
         return None
+
+
+def _step_of(path: Path) -> int | None:
+    return _int_after(STEP_PREFIX, path.name)
 
 
 def verify_checkpoint(path: str | os.PathLike) -> str | None:
@@ -632,8 +636,7 @@ def export_model(model: torch.nn.Module, directory: str | os.PathLike, config: A
         kept = "the previous export is intact; " if directory.exists() else ""
         raise CheckpointError(f"export to {directory} failed ({_describe(error) if error else 'on rank 0'}); "
                               f"{kept}the checkpoints are kept: free space and rerun to export") from None
-    _barrier()
-    return directory
+    return directory  # (_all_ranks_ok above waited for rank 0's write on every rank)
 
 
 def _write_export(model: torch.nn.Module, full: dict[str, Any], directory: Path, config: Any,
@@ -673,8 +676,6 @@ def _write_lora_adapters(model: torch.nn.Module, tensors: dict[str, torch.Tensor
     """With LoRA adapters in ``model``, also write them alone, as torchtune's LoRA recipe does:
     ``adapter_model.safetensors`` (the ``lora_a``/``lora_b`` tensors, under the export's key names) and
     ``adapter_config.json`` (PEFT's fields: ``r``, ``lora_alpha``, ``target_modules``, ``peft_type``)."""
-    import json
-
     from safetensors.torch import save_file
 
     from mmtrain.modules.lora import LoRALinear
@@ -729,9 +730,4 @@ def exported_step(directory: str | os.PathLike) -> int | None:
             first = f.readline()
     except (OSError, UnicodeDecodeError):
         return None
-    if not first.startswith(_EXPORT_STEP_PREFIX):
-        return None
-    try:
-        return int(first[len(_EXPORT_STEP_PREFIX):])
-    except ValueError:
-        return None
+    return _int_after(_EXPORT_STEP_PREFIX, first)
