@@ -194,8 +194,8 @@ def _trainable_flag(value: Any, name: str) -> bool:
     if value == "frozen":
         return False
     if value == "lora":
-        raise ValueError(f"{name}='lora' (torchtune's LoRA builders) is not supported: set {name}=False and give "
-                         "lora_attn_modules; mmtrain's adapters go on the decoder's attention projections")
+        raise ValueError(f"{name}='lora' needs the LoRA builders (lora_llama3_2_vision_11b / _tiny, as torchtune's), "
+                         "which add the adapters; DeepFusionModel takes True/False, 'full' or 'frozen'")
     raise ValueError(f"{name} must be True, False, 'full' or 'frozen', got {value!r}")
 
 

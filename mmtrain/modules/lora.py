@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LORA_ATTN_MODULES", "LoRALinear", "apply_lora", "disable_adapter", "lora_param_names"]
+__all__ = ["LORA_ATTN_MODULES", "LoRALinear", "apply_lora", "apply_lora_to", "disable_adapter", "lora_param_names",
+           "merge_lora_state_dict"]
 
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
@@ -121,6 +122,52 @@ def apply_lora(
                 full = f"{parent_name}.{child_name}" if parent_name else child_name
                 replaced += [f"{full}.lora_a.weight", f"{full}.lora_b.weight"]
     return replaced
+
+
+def apply_lora_to(model: nn.Module, names: Iterable[str], *, rank: int = 8, alpha: float = 16,
+                  dropout: float = 0.0) -> list[str]:
+    """Replace exactly the ``nn.Linear`` submodules with these full names (e.g. ``decoder.layers.0.attn.q_proj``) by
+    ``LoRALinear``s sharing their weights; adapters are trainable, the base keeps its ``requires_grad``. Returns the
+    full names of the adapter parameters. A name that is not an ``nn.Linear`` of ``model`` is a ValueError."""
+    modules = dict(model.named_modules())
+    replaced: list[str] = []
+    for full in names:
+        child = modules.get(full)
+        if type(child) is not nn.Linear:
+            raise ValueError(f"LoRA target {full!r} is not an nn.Linear of the model")
+        parent_name, _, child_name = full.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child_name,
+                LoRALinear.from_linear(child, rank, alpha, dropout))
+        replaced += [f"{full}.lora_a.weight", f"{full}.lora_b.weight"]
+    return replaced
+
+
+def _merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    return (weight.float() + scale * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+
+
+def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], rank: int | dict[str, int],
+                          alpha: float | dict[str, float]) -> dict[str, torch.Tensor]:
+    """torchtune's ``get_merged_lora_ckpt``: each ``X.weight`` with adapters ``X.lora_a.weight`` (rank, in) and
+    ``X.lora_b.weight`` (out, rank) becomes ``X.weight + (alpha / rank) * lora_b @ lora_a`` (in float32, stored in the
+    weight's dtype) and the adapter keys are dropped: the result loads into the model without LoRA. ``rank`` and
+    ``alpha`` may also be dicts from ``X`` to that layer's values. Returns a new dict; the input is not changed."""
+    merged = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith(".lora_a.weight")]:
+        prefix = key[: -len(".lora_a.weight")]
+        b_key, w_key = f"{prefix}.lora_b.weight", f"{prefix}.weight"
+        if b_key not in state_dict or w_key not in state_dict:
+            raise ValueError(f"LoRA merge: {key} has no {b_key if b_key not in state_dict else w_key} beside it")
+        if isinstance(rank, dict) and prefix not in rank or isinstance(alpha, dict) and prefix not in alpha:
+            raise ValueError(f"LoRA merge: no rank/alpha given for {prefix}")
+        layer_rank = rank[prefix] if isinstance(rank, dict) else rank
+        layer_alpha = alpha[prefix] if isinstance(alpha, dict) else alpha
+        merged[w_key] = _merge(state_dict[w_key], state_dict[key], state_dict[b_key], layer_alpha / layer_rank)
+        del merged[key], merged[b_key]
+    stray = [k for k in merged if k.endswith(".lora_b.weight")]
+    if stray:
+        raise ValueError(f"LoRA merge: {stray[0]} has no lora_a beside it")
+    return merged
 
 
 def lora_param_names(model: nn.Module) -> list[str]:

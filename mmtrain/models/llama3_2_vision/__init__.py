@@ -11,7 +11,12 @@ from mmtrain.models.llama3_2_vision._component_builders import (
 )
 from mmtrain.models.llama3_2_vision._decoder import llama3_2_vision_decoder
 from mmtrain.models.llama3_2_vision._encoder import Llama3VisionEncoder, Llama3VisionProjectionHead
-from mmtrain.models.llama3_2_vision._model_builders import llama3_2_vision_11b, llama3_2_vision_tiny
+from mmtrain.models.llama3_2_vision._model_builders import (
+    llama3_2_vision_11b,
+    llama3_2_vision_tiny,
+    lora_llama3_2_vision_11b,
+    lora_llama3_2_vision_tiny,
+)
 
 __all__ = [
     "Llama3VisionEncoder",
@@ -22,4 +27,6 @@ __all__ = [
     "llama3_2_vision_encoder",
     "llama3_2_vision_projection_head",
     "llama3_2_vision_tiny",
+    "lora_llama3_2_vision_11b",
+    "lora_llama3_2_vision_tiny",
 ]

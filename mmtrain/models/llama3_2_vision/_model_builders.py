@@ -8,6 +8,14 @@ Which parts train: ``decoder_trainable``, ``encoder_trainable``, ``fusion_traina
 ``<|image|>``-style fusion embeddings and the encoder's projection head). ``lora_attn_modules`` (e.g.
 ``[q_proj, v_proj]``) adds LoRA adapters to those attention projections of the decoder (self- and cross-attention);
 the adapters always train.
+
+``lora_llama3_2_vision_11b`` / ``lora_llama3_2_vision_tiny`` are torchtune's LoRA builders: each part
+(``decoder_trainable``, ``encoder_trainable``, ``fusion_trainable``) is ``"lora"`` (adapters on its attention
+projections named in ``lora_attn_modules``, on its MLP with ``apply_lora_to_mlp``, on its output projection with
+``apply_lora_to_output``; the part's own weights frozen), ``"frozen"`` or ``"full"``. The decoder part is its
+self-attention layers (and ``decoder.output``); the fusion part the cross-attention layers and the encoder's projection
+head (and ``encoder.projection.output``); the encoder part the CLIP layers. As in torchtune's LoRA recipe, only the
+adapters train when no part is ``"full"``: the fusion embeddings and the cross-attention gates stay frozen too.
 """
 
 from __future__ import annotations
@@ -15,12 +23,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from torch import nn
+
 from mmtrain.models.llama3_2_vision._component_builders import llama3_2_vision_encoder
 from mmtrain.models.llama3_2_vision._decoder import llama3_2_vision_decoder
 from mmtrain.modules.fusion import DeepFusionModel
-from mmtrain.modules.lora import apply_lora
+from mmtrain.modules.lora import LORA_ATTN_MODULES, apply_lora, apply_lora_to
 
-__all__ = ["llama3_2_vision_11b", "llama3_2_vision_tiny"]
+__all__ = ["llama3_2_vision_11b", "llama3_2_vision_tiny", "lora_llama3_2_vision_11b", "lora_llama3_2_vision_tiny"]
 
 
 def _finish(
@@ -151,3 +161,116 @@ def llama3_2_vision_tiny(
     model = DeepFusionModel(decoder=decoder, encoder=encoder, decoder_trainable=decoder_trainable,
                             encoder_trainable=encoder_trainable, fusion_trainable=fusion_trainable)
     return _finish(model, lora_attn_modules, lora_rank, lora_alpha, lora_dropout)
+
+
+_LORA_PART_SETTINGS = ("lora", "full", "frozen")
+
+
+def _lora_part(value: Any, name: str) -> str:
+    """torchtune's ``LoRATrainable`` values ("lora", "full", "frozen", any case); True/False mean full/frozen."""
+    if isinstance(value, bool):
+        return "full" if value else "frozen"
+    setting = str(value).lower()
+    if setting not in _LORA_PART_SETTINGS:
+        raise ValueError(f"{name} must be one of {list(_LORA_PART_SETTINGS)}, got {value!r}")
+    return setting
+
+
+def _lora_targets(model: DeepFusionModel, parts: dict[str, str], lora_attn_modules: Sequence[str],
+                  apply_lora_to_mlp: bool, apply_lora_to_output: bool) -> list[str]:
+    """Full names of the linear layers that torchtune's LoRA builders adapt, for the parts set to "lora"."""
+    attention = set(lora_attn_modules)
+    unknown = attention - set(LORA_ATTN_MODULES)
+    if unknown:
+        raise ValueError(f"lora_attn_modules: unknown {sorted(unknown)}; choose from {list(LORA_ATTN_MODULES)}")
+    feed_forward = {"w1", "w2", "w3"} if apply_lora_to_mlp else set()
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        if name in ("decoder.output", "encoder.projection.output"):
+            part, wanted = ("decoder" if name.startswith("decoder.") else "fusion"), apply_lora_to_output
+        else:
+            if name.startswith("encoder.clip."):
+                part = "encoder"
+            elif name.startswith("encoder.") or ".fusion_layer." in name:
+                part = "fusion"
+            elif name.startswith("decoder.layers."):
+                part = "decoder"
+            else:
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            wanted = leaf in attention or leaf in feed_forward
+        if wanted and parts[part] == "lora":
+            names.append(name)
+    return names
+
+
+def _with_lora(build: Any, *, lora_attn_modules: Sequence[str], decoder_trainable: Any, encoder_trainable: Any,
+               fusion_trainable: Any, apply_lora_to_mlp: bool, apply_lora_to_output: bool, lora_rank: int,
+               lora_alpha: float, lora_dropout: float, use_dora: bool, quantize_base: bool,
+               **shapes: Any) -> DeepFusionModel:
+    if use_dora or quantize_base:
+        raise ValueError("use_dora / quantize_base (DoRA, QLoRA) are not supported by mmtrain's LoRA builders yet")
+    if not lora_attn_modules and not apply_lora_to_mlp and not apply_lora_to_output:
+        raise ValueError("lora_attn_modules: name at least one of q_proj, k_proj, v_proj, output_proj (or set "
+                         "apply_lora_to_mlp / apply_lora_to_output)")
+    parts = {"decoder": _lora_part(decoder_trainable, "decoder_trainable"),
+             "encoder": _lora_part(encoder_trainable, "encoder_trainable"),
+             "fusion": _lora_part(fusion_trainable, "fusion_trainable")}
+    model = build(decoder_trainable=parts["decoder"] == "full", encoder_trainable=parts["encoder"] == "full",
+                  fusion_trainable=parts["fusion"] == "full", lora_attn_modules=None, **shapes)
+    targets = _lora_targets(model, parts, list(lora_attn_modules or ()), apply_lora_to_mlp, apply_lora_to_output)
+    apply_lora_to(model, targets, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
+    return model
+
+
+def lora_llama3_2_vision_11b(
+    lora_attn_modules: Sequence[str],
+    decoder_trainable: str = "frozen",
+    encoder_trainable: str = "lora",
+    fusion_trainable: str = "lora",
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    image_size: int = 560,
+    max_num_tiles: int = 4,
+    attention: dict[str, Any] | None = None,
+) -> DeepFusionModel:
+    """torchtune's ``lora_llama3_2_vision_11b``: the 11B-Vision shapes of ``llama3_2_vision_11b`` with LoRA adapters
+    on the parts set to "lora" (see the module docstring). Keys: the base model's plus ``<layer>.lora_a.weight``
+    (rank, in) and ``<layer>.lora_b.weight`` (out, rank). DoRA and QLoRA (``use_dora``, ``quantize_base``) are
+    refused."""
+    return _with_lora(llama3_2_vision_11b, lora_attn_modules=lora_attn_modules, decoder_trainable=decoder_trainable,
+                      encoder_trainable=encoder_trainable, fusion_trainable=fusion_trainable,
+                      apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
+                      lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_dora=use_dora,
+                      quantize_base=quantize_base, image_size=image_size, max_num_tiles=max_num_tiles,
+                      attention=attention)
+
+
+def lora_llama3_2_vision_tiny(
+    lora_attn_modules: Sequence[str],
+    decoder_trainable: str = "frozen",
+    encoder_trainable: str = "lora",
+    fusion_trainable: str = "lora",
+    apply_lora_to_mlp: bool = False,
+    apply_lora_to_output: bool = False,
+    lora_rank: int = 4,
+    lora_alpha: float = 8,
+    lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quantize_base: bool = False,
+    **shapes: Any,
+) -> DeepFusionModel:
+    """``llama3_2_vision_tiny`` (its shape arguments pass through ``shapes``) with LoRA adapters as
+    ``lora_llama3_2_vision_11b`` places them: for CPU runs and tests of LoRA fine-tuning."""
+    return _with_lora(llama3_2_vision_tiny, lora_attn_modules=lora_attn_modules, decoder_trainable=decoder_trainable,
+                      encoder_trainable=encoder_trainable, fusion_trainable=fusion_trainable,
+                      apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,
+                      lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_dora=use_dora,
+                      quantize_base=quantize_base, **shapes)
