@@ -9,6 +9,7 @@ from mmtrain.models.llama3_2_vision._component_builders import (
     llama3_2_vision_encoder,
     llama3_2_vision_projection_head,
 )
+from mmtrain.models.llama3_2_vision._convert_weights import hf_to_mmtrain, load_hf_checkpoint, mmtrain_to_hf
 from mmtrain.models.llama3_2_vision._decoder import llama3_2_vision_decoder
 from mmtrain.models.llama3_2_vision._encoder import Llama3VisionEncoder, Llama3VisionProjectionHead
 from mmtrain.models.llama3_2_vision._model_builders import (
@@ -21,12 +22,15 @@ from mmtrain.models.llama3_2_vision._model_builders import (
 __all__ = [
     "Llama3VisionEncoder",
     "Llama3VisionProjectionHead",
+    "hf_to_mmtrain",
     "llama3_2_vision_11b",
     "llama3_2_vision_11b_encoder",
     "llama3_2_vision_decoder",
     "llama3_2_vision_encoder",
     "llama3_2_vision_projection_head",
     "llama3_2_vision_tiny",
+    "load_hf_checkpoint",
     "lora_llama3_2_vision_11b",
     "lora_llama3_2_vision_tiny",
+    "mmtrain_to_hf",
 ]

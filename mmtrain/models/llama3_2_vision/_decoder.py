@@ -119,8 +119,9 @@ def llama3_2_vision_decoder(
         cross_layer = TransformerCrossAttentionLayer(
             attn=cross_attn,
             mlp=llama3_mlp(embed_dim, hidden_dim),
-            ca_norm=RMSNorm(embed_dim),
-            mlp_norm=RMSNorm(embed_dim),
+            # 1e-5 as Meta's reference and HF (rms_norm_eps); torchtune 0.6.1 leaves these two at RMSNorm's 1e-6.
+            ca_norm=RMSNorm(embed_dim, eps=1e-5),
+            mlp_norm=RMSNorm(embed_dim, eps=1e-5),
             ca_scale=TanhGate(),
             mlp_scale=TanhGate(),
         )
