@@ -5,8 +5,10 @@ answers, ``encoder_input.images`` (b, i, t, 3, H, W), ``encoder_mask`` (b, s, i*
 next-token cross-entropy on answer tokens only. Evaluation decodes greedy answers for the validation split
 (KV caches, encoder run once per prompt) and logs ``val/answer_acc`` (exact match) to metrics.jsonl.
 
-Config keys: output_dir, seed, max_steps, resume, batch_size, precision (fp32|bf16), sdpa_backend
-(auto|cudnn|flash|efficient|math|fa4), fused_qkv (auto|true|false: one q/k/v projection matmul; auto: with fa4),
+Config keys: output_dir, seed, max_steps, resume, pretrained (weights to start from: a Hugging Face
+Llama-3.2-Vision folder, an export of this recipe or a .safetensors file with torchtune's keys; not read when
+resuming), batch_size, precision (fp32|bf16), sdpa_backend (auto|cudnn|flash|efficient|math|fa4), fused_qkv
+(auto|true|false: one q/k/v projection matmul; auto: with fa4),
 compile (none|regional|whole), activation_checkpointing, distributed.{strategy,world_size,reduce_dtype},
 checkpoint.{every_n_steps (0: no checkpoint; else also the last step),keep},
 eval.{every_n_steps,batch_size,max_new_tokens,max_samples}, log.{every_n_steps,wandb,progress_bar},
@@ -15,6 +17,9 @@ row), tokenizer, dataset, model, optimizer, lr_scheduler.
 
 With ``export`` (default true) the consolidated weights are written to ``output_dir/model/`` at the end
 (``model.safetensors`` with torchtune's key names, and the run's ``config.yaml``), as the contrastive recipe does.
+A LoRA model's export is torchtune's: the adapters merged into ``model.safetensors`` (it loads into the model without
+LoRA) and alone in ``adapter_model.safetensors`` + ``adapter_config.json``; ``save_adapter_weights_only`` writes only
+the adapters.
 On a GPU the model is built on the device. Under FSDP2 with bf16 on several GPUs, frozen weights are stored in bf16.
 The log's step_s, samples_per_s and peak_mem_gib cover the training steps since the previous log line.
 """
@@ -68,6 +73,9 @@ def validate(cfg: DictConfig, report: Any) -> None:
         report.error("sdpa_backend", f"must be auto or one of {', '.join(SDPA_BACKENDS)}, got {cfg.get('sdpa_backend')!r}")
     if cfg.get("fused_qkv", "auto") not in ("auto", True, False):
         report.error("fused_qkv", f"must be auto, true or false, got {cfg.get('fused_qkv')!r}")
+    for key in ("export", "save_adapter_weights_only"):
+        if not isinstance(cfg.get(key, False), bool):
+            report.error(key, f"must be true or false, got {cfg.get(key)!r}")
     policy = OmegaConf.select(cfg, "nonfinite.policy")
     if policy is not None and policy not in POLICIES:
         report.error("nonfinite.policy", f"must be {' or '.join(POLICIES)}, got {policy!r}")
@@ -248,6 +256,14 @@ def main(cfg: DictConfig) -> dict:
                           f"tokens [{base_vocab}, {embeddings.num_embeddings})")
     if tokenizer.vocab_size > base_vocab:
         raise ConfigError(f"model.vocab_size: {base_vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    ckpt = CheckpointManager(output_dir, keep=OmegaConf.select(cfg, "checkpoint.keep") or 2, log_fn=print)
+    resume_path = ckpt.resolve_resume(cfg.get("resume", "auto"))
+    if cfg.get("pretrained") and resume_path is None:  # a resumed run reads every weight from its checkpoint
+        from mmtrain.models.llama3_2_vision._pretrained import load_pretrained
+
+        message = load_pretrained(model, str(cfg.pretrained))
+        if rank == 0:
+            print(message)
     total_params, trainable_params = count_parameters(model)
     apply_fused_qkv_setting(model, cfg.get("fused_qkv", "auto"), str(cfg.get("sdpa_backend", "auto")))
 
@@ -282,12 +298,10 @@ def main(cfg: DictConfig) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("model: nothing is trainable (set decoder_trainable, encoder_trainable or "
-                          "fusion_trainable, or lora_attn_modules)")
+                          "fusion_trainable to true/full, or add adapters: lora_attn_modules, or a lora_* builder)")
     optimizer = instantiate(cfg.optimizer)(params)
     scheduler = instantiate(cfg.lr_scheduler)(optimizer) if cfg.get("lr_scheduler") else None
 
-    ckpt = CheckpointManager(output_dir, keep=OmegaConf.select(cfg, "checkpoint.keep") or 2, log_fn=print)
-    resume_path = ckpt.resolve_resume(cfg.get("resume", "auto"))
     if resume_path is None:
         set_aside_earlier_run(output_dir)
     log_cfg = cfg.get("log", {}) or {}
@@ -402,7 +416,8 @@ def main(cfg: DictConfig) -> dict:
     if ckpt_every and max_steps > start_step and not guard.consecutive:
         ckpt.save(max_steps, model, optimizer, scheduler, guard.state_dict())
     # Consolidated weights (torchtune's key names) + the run config; collective under FSDP, rank 0 writes.
-    export_dir = (export_model(inner, Path(output_dir) / "model", cfg, step=final_step)
+    export_dir = (export_model(inner, Path(output_dir) / "model", cfg, step=final_step,
+                               adapter_weights_only=bool(cfg.get("save_adapter_weights_only", False)))
                   if cfg.get("export", True) else None)
     logger.close()
     summary = {"steps": final_step, "loss": last_loss, **last_eval, "nonfinite_steps": guard.skipped,

@@ -3,7 +3,9 @@
     mmtrain run vlm_generate --config llama3_2_vision_tiny checkpoint=outputs/vlm_finetune_tiny \
         image=photo.png prompt="what colour is the circle?"
 
-``checkpoint``: a checkpoint folder or a run's output_dir (its newest complete checkpoint). ``image``: an image
+``checkpoint``: a checkpoint folder or a run's output_dir (its newest complete checkpoint); or ``pretrained``:
+weights as ``vlm_finetune`` starts from them (a Hugging Face Llama-3.2-Vision folder, an export such as
+``outputs/vlm_finetune_tiny/model``, a .safetensors file with torchtune's keys). ``image``: an image
 file, or ``shapes:SPLIT:INDEX`` for a scene of the built-in generator (its true answer is printed alongside).
 Prints the answer; returns ``{"answer": ..., "prompt": ...}``.
 """
@@ -53,8 +55,15 @@ def main(cfg: DictConfig) -> dict:
     torch.manual_seed(int(cfg.get("seed", 0)))
     tokenizer = instantiate(cfg.tokenizer)
     model = instantiate(cfg.model)
-    checkpoint = OmegaConf.select(cfg, "checkpoint")
-    if checkpoint:
+    checkpoint, pretrained = OmegaConf.select(cfg, "checkpoint"), OmegaConf.select(cfg, "pretrained")
+    if checkpoint and pretrained:
+        raise ConfigError(f"checkpoint={checkpoint} and pretrained={pretrained}: give one (a training checkpoint, or "
+                          "weights such as an export)")
+    if pretrained:
+        from mmtrain.models.llama3_2_vision._pretrained import load_pretrained
+
+        load_pretrained(model, str(pretrained))
+    elif checkpoint:
         if not Path(str(checkpoint)).expanduser().is_dir():
             raise ConfigError(f"checkpoint={checkpoint}: no such folder (a checkpoint folder or a run's output_dir)")
         manager = CheckpointManager(str(checkpoint), log_fn=lambda msg: None)
@@ -65,7 +74,7 @@ def main(cfg: DictConfig) -> dict:
             raise CheckpointError(f"checkpoint={checkpoint}: no complete checkpoint found")
         manager.load(path, model)
     else:
-        print("warning: no checkpoint= given; answering with randomly initialised weights")
+        print("warning: no checkpoint= or pretrained= given; answering with randomly initialised weights")
     model.to(device).eval()
 
     # Tiling as the model was built (the builders' image_size / patch_size / max_num_tiles arguments).

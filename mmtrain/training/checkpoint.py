@@ -614,8 +614,12 @@ _EXPORT_STEP_PREFIX = "# exported by mmtrain at step "
 
 
 def export_model(model: torch.nn.Module, directory: str | os.PathLike, config: Any = None,
-                 step: int | None = None) -> Path:
+                 step: int | None = None, *, adapter_weights_only: bool = False) -> Path:
     """Write the final weights: ``save_pretrained`` where the model has it (ALIGN), else ``model.safetensors``.
+
+    A model with LoRA adapters is exported as torchtune's LoRA recipe saves it: the weights with the adapters merged
+    in (they load into the model built without LoRA) and the adapters alone in ``adapter_model.safetensors`` +
+    ``adapter_config.json``; ``adapter_weights_only`` (torchtune's ``save_adapter_weights_only``) writes only these.
 
     ``config`` (a DictConfig or dict: the run config) is written next to them as ``config.yaml``, headed by a
     comment with ``step`` when given (read back by ``exported_step``; the file stays a usable config). Collective
@@ -624,12 +628,16 @@ def export_model(model: torch.nn.Module, directory: str | os.PathLike, config: A
     """
     from safetensors import SafetensorError
 
+    from mmtrain.modules.lora import LoRALinear
+
     directory = Path(directory)
+    if adapter_weights_only and not any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise CheckpointError("save_adapter_weights_only: the model has no LoRA adapters to save")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     error: BaseException | None = None
     if _rank() == 0:
         try:
-            _write_export(model, full, directory, config, step)
+            _write_export(model, full, directory, config, step, adapter_weights_only)
         except (OSError, SafetensorError) as e:
             error = e
     if not _all_ranks_ok(error is None):
@@ -640,25 +648,19 @@ def export_model(model: torch.nn.Module, directory: str | os.PathLike, config: A
 
 
 def _write_export(model: torch.nn.Module, full: dict[str, Any], directory: Path, config: Any,
-                  step: int | None) -> None:
+                  step: int | None, adapter_weights_only: bool = False) -> None:
     """Rank 0's part of ``export_model``: write ``directory.tmp`` and rename it over ``directory``; a failed write
     removes the partial folder."""
     from omegaconf import OmegaConf
-    from safetensors.torch import save_file
 
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in full.items() if isinstance(v, torch.Tensor)}
-        if hasattr(model, "save_pretrained"):
-            try:
-                model.save_pretrained(tmp, state_dict=tensors)
-            except TypeError:  # a save_pretrained without the state_dict argument
-                model.save_pretrained(tmp)
-        else:
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_lora_adapters(model, tensors, tmp)
+        has_adapters = _write_lora_adapters(model, tensors, tmp)
+        if not adapter_weights_only:
+            _write_weights(model, _merged_lora_weights(model, tensors) if has_adapters else tensors, tmp)
         if config is not None:
             text = OmegaConf.to_yaml(config, resolve=True) if OmegaConf.is_config(config) else (
                 OmegaConf.to_yaml(OmegaConf.create(config)))
@@ -672,10 +674,23 @@ def _write_export(model: torch.nn.Module, full: dict[str, Any], directory: Path,
     os.replace(tmp, directory)
 
 
-def _write_lora_adapters(model: torch.nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    """With LoRA adapters in ``model``, also write them alone, as torchtune's LoRA recipe does:
+def _write_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    if hasattr(model, "save_pretrained"):
+        try:
+            model.save_pretrained(folder, state_dict=tensors)
+        except TypeError:  # a save_pretrained without the state_dict argument
+            model.save_pretrained(folder)
+    else:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _write_lora_adapters(model: torch.nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> bool:
+    """With LoRA adapters in ``model``, write them alone, as torchtune's LoRA recipe does:
     ``adapter_model.safetensors`` (the ``lora_a``/``lora_b`` tensors, under the export's key names) and
-    ``adapter_config.json`` (PEFT's fields: ``r``, ``lora_alpha``, ``target_modules``, ``peft_type``)."""
+    ``adapter_config.json`` (PEFT's fields: ``r``, ``lora_alpha``, ``target_modules``, ``peft_type``). Returns
+    whether there were adapters."""
     from safetensors.torch import save_file
 
     from mmtrain.modules.lora import LoRALinear
@@ -683,12 +698,30 @@ def _write_lora_adapters(model: torch.nn.Module, tensors: dict[str, torch.Tensor
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     adapters = {k: v for k, v in tensors.items() if k.endswith((".lora_a.weight", ".lora_b.weight"))}
     if not layers or not adapters:
-        return
+        return False
     first = next(iter(layers.values()))
     save_file(adapters, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     settings = {"r": first.rank, "lora_alpha": first.alpha, "peft_type": "LORA",
                 "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers})}
     (folder / "adapter_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return True
+
+
+def _merged_lora_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The export's weights with every adapter merged into its base layer (torchtune's ``get_merged_lora_ckpt``),
+    each layer with its own rank and alpha."""
+    from mmtrain.modules.lora import LoRALinear, merge_lora_state_dict
+
+    # State-dict keys can differ from module names (FusionLayer's hooks drop ".layer"): find each layer's key
+    # through its lora_a parameter.
+    layer_of = {id(m.lora_a.weight): m for m in model.modules() if isinstance(m, LoRALinear)}
+    ranks, alphas = {}, {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        layer = layer_of.get(id(value))
+        if layer is not None and key.endswith(".lora_a.weight"):
+            prefix = key[: -len(".lora_a.weight")]
+            ranks[prefix], alphas[prefix] = layer.rank, layer.alpha
+    return merge_lora_state_dict(tensors, ranks, alphas)
 
 
 EARLIER_RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.png", "model", "tensorboard")

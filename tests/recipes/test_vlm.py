@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["dataset.train_samples=64", "dataset.validation_samples=8", "batch_size=8", "eval.every_n_steps=0",
@@ -44,6 +45,12 @@ def test_vlm_finetune_few_steps_then_generate(tmp_path) -> None:
     assert gen.returncode == 0, gen.stderr[-2000:]
     answer = gen.stdout.strip().splitlines()[0]
     assert all(word.isalpha() for word in answer.split())  # decoded words, no special tokens
+    # The export answers as the checkpoint it was written from.
+    from_export = _run(["vlm_generate", "--config", "llama3_2_vision_tiny", "checkpoint=null",
+                        f"pretrained={out / 'model'}", "image=shapes:validation:1",
+                        "prompt=what colour is the circle?"])
+    assert from_export.returncode == 0, from_export.stderr[-2000:]
+    assert from_export.stdout.strip().splitlines()[0] == answer
 
 
 def test_vlm_generate_missing_image_is_one_line_error(tmp_path) -> None:
@@ -151,3 +158,48 @@ def test_micro_batches_weigh_every_answer_token_alike(tmp_path) -> None:
     assert losses[1] == pytest.approx(losses[4], rel=1e-5)
     for key, value in weights[4].items():
         torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_lora_finetune_from_an_export_trains_only_adapters_and_exports_them_merged(tmp_path, capsys) -> None:
+    """torchtune's LoRA workflow on the tiny model: start from a full run's export (``pretrained``), train the
+    adapters alone, export the merged weights (loadable into the model without LoRA) and the adapters alone."""
+    from safetensors.torch import load_file
+
+    from mmtrain.cli.main import main
+    from mmtrain.models.llama3_2_vision import llama3_2_vision_tiny
+
+    base, lora = tmp_path / "base", tmp_path / "lora"
+    assert main(["run", "vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={base}", "max_steps=2",
+                 "checkpoint.every_n_steps=0", *TINY]) == 0
+    assert main(["run", "vlm_finetune", "--config", "llama3_2_vision_tiny_lora", f"output_dir={lora}",
+                 "max_steps=3", "checkpoint.every_n_steps=0", f"pretrained={base / 'model'}", *TINY]) == 0
+    assert f"from {base / 'model'} (model.safetensors)" in capsys.readouterr().out
+    start, merged = load_file(base / "model" / "model.safetensors"), load_file(lora / "model" / "model.safetensors")
+    adapters = load_file(lora / "model" / "adapter_model.safetensors")
+    assert sorted(merged) == sorted(start)
+    adapted = {k[: -len(".lora_a.weight")] for k in adapters if k.endswith(".lora_a.weight")}
+    assert "decoder.layers.1.fusion_layer.attn.q_proj" in adapted and "encoder.clip.layers.0.mlp.w1" in adapted
+    for key, value in merged.items():
+        layer = key[: -len(".weight")]
+        if layer in adapted:  # the frozen base weight plus the trained update (alpha 16 / rank 8)
+            a, b = adapters[f"{layer}.lora_a.weight"].double(), adapters[f"{layer}.lora_b.weight"].double()
+            assert b.abs().max() > 0  # the adapters trained
+            torch.testing.assert_close(value.double(), start[key].double() + 2.0 * b @ a, rtol=1e-5, atol=1e-6)
+        else:  # frozen: gates, fusion embeddings, norms, unadapted projections
+            assert torch.equal(value, start[key]), key
+    llama3_2_vision_tiny().load_state_dict(merged, strict=True)
+
+
+def test_pretrained_weights_of_another_size_are_a_one_line_error(tmp_path) -> None:
+    from mmtrain.cli.main import main
+
+    base = tmp_path / "base"
+    assert main(["run", "vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={base}", "max_steps=1",
+                 "checkpoint.every_n_steps=0", "model.intermediate_dim=96", *TINY]) == 0
+    result = _run(["vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={tmp_path / 'next'}",
+                   "max_steps=1", f"pretrained={base / 'model'}", *TINY])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "decoder.layers.0.mlp.w1.weight has shape (96, 64), the model (128, 64)" in result.stderr
+    result = _run(["vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={tmp_path / 'next'}",
+                   "max_steps=1", f"pretrained={tmp_path / 'nowhere'}", *TINY])
+    assert result.returncode == 2 and "no such file or folder" in result.stderr

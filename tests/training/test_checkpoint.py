@@ -187,22 +187,46 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_no_partial_folder(tmp_path
     assert (out / "model.safetensors").read_bytes() == before and exported_step(out) == 1
 
 
-def test_export_of_a_lora_model_writes_the_adapters_alone_too(tmp_path):
+def test_export_of_a_lora_model_merges_the_adapters_and_writes_them_alone_too(tmp_path):
     from safetensors.torch import load_file
 
     from mmtrain.modules.lora import apply_lora
 
     torch.manual_seed(0)
-    block = nn.Module()
-    block.q_proj, block.v_proj, block.w1 = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 8)
-    model = nn.Sequential(block)
+
+    def block_model():
+        block = nn.Module()
+        block.q_proj, block.v_proj, block.w1 = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 8)
+        return nn.Sequential(block)
+
+    model = block_model()
     apply_lora(model, ["q_proj", "v_proj"], rank=2, alpha=4.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    state = model.state_dict()
     out = export_model(model, tmp_path / "model", {"seed": 3}, step=1)
     weights, adapters = load_file(str(out / "model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
-    assert sorted(adapters) == sorted(k for k in weights if ".lora_" in k) == [
-        "0.q_proj.lora_a.weight", "0.q_proj.lora_b.weight", "0.v_proj.lora_a.weight", "0.v_proj.lora_b.weight"]
-    assert all(torch.equal(adapters[k], weights[k]) for k in adapters)
+    assert sorted(adapters) == ["0.q_proj.lora_a.weight", "0.q_proj.lora_b.weight", "0.v_proj.lora_a.weight",
+                                "0.v_proj.lora_b.weight"]
+    assert all(torch.equal(adapters[k], state[k]) for k in adapters)
     assert json.loads((out / "adapter_config.json").read_text()) == {
         "r": 2, "lora_alpha": 4.0, "peft_type": "LORA", "target_modules": ["q_proj", "v_proj"]}
+    # torchtune's merged checkpoint: W + (alpha / rank) B A, no adapter keys; it loads into the model without LoRA.
+    for name in ("q_proj", "v_proj"):
+        a, b = state[f"0.{name}.lora_a.weight"].double(), state[f"0.{name}.lora_b.weight"].double()
+        expected = state[f"0.{name}.weight"].double() + 2.0 * b @ a
+        torch.testing.assert_close(weights[f"0.{name}.weight"].double(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(weights["0.w1.weight"], state["0.w1.weight"])
+    block_model().load_state_dict(weights, strict=True)
+
+    only = export_model(model, tmp_path / "adapters", {"seed": 3}, step=1, adapter_weights_only=True)
+    assert sorted(p.name for p in only.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "config.yaml"]
     plain = export_model(nn.Linear(2, 2), tmp_path / "plain")
     assert not (plain / "adapter_model.safetensors").exists()
+    with pytest.raises(CheckpointError, match="no LoRA adapters"):
+        export_model(nn.Linear(2, 2), tmp_path / "plain2", adapter_weights_only=True)
+    assert not (tmp_path / "plain2").exists()
+
+
