@@ -201,7 +201,8 @@ class _VQABase(torch.utils.data.Dataset):
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None:
             raise DataError(f"sample {index}: no assistant message to evaluate against")
-        answer = self.tokenizer.decode(self.tokenizer.encode(_content_text(messages[last]["content"])))
+        # Stripped, as a tokenizer that keeps whitespace (Llama 3's) trains on the stripped answer.
+        answer = self.tokenizer.decode(self.tokenizer.encode(_content_text(messages[last]["content"]).strip()))
         return self._build(messages[:last], images, inference=True), answer
 
 
@@ -362,7 +363,7 @@ class ChatVQADataset(_VQABase):
 
     Args:
         data_files: path of the JSONL (or JSON) file.
-        tokenizer: a :class:`VQATokenizer`.
+        tokenizer: a :class:`VQATokenizer` or ``mmtrain.data.llama3_tokenizer.Llama3VisionTokenizer``.
         image_dir: folder that relative image paths are resolved against (default: the data file's folder).
         tile_size, patch_size, max_num_tiles: image tiling (see ``CLIPImageTransform``).
         source: ``datasets`` builder name ("json").

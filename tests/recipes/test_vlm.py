@@ -203,3 +203,40 @@ def test_pretrained_weights_of_another_size_are_a_one_line_error(tmp_path) -> No
     result = _run(["vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={tmp_path / 'next'}",
                    "max_steps=1", f"pretrained={tmp_path / 'nowhere'}", *TINY])
     assert result.returncode == 2 and "no such file or folder" in result.stderr
+
+
+def test_lora_from_a_hugging_face_folder_with_its_tokenizer(tmp_path, capsys, write_llama3_tokenizer_json,
+                                                            write_tiny_mllama_folder) -> None:
+    """The published-weights workflow at toy size: an HF Llama-3.2-Vision folder (config.json, safetensors in HF's
+    keys, tokenizer.json) -> LoRA fine-tuning with Llama 3's tokenizer and chat format -> the merged export answers
+    through vlm_generate."""
+    from safetensors.torch import load_file
+
+    from mmtrain.cli.main import main
+    from mmtrain.models.llama3_2_vision import llama3_2_vision_tiny
+
+    vocab = 128_256  # Llama 3's base vocabulary: the tokenizer's ids are the real ones
+    torch.manual_seed(0)
+    source = llama3_2_vision_tiny(vocab_size=vocab, max_num_tiles=2)
+    folder = tmp_path / "Llama-3.2-Vision-toy"
+    write_tiny_mllama_folder(source, folder, vocab_size=vocab)
+    write_llama3_tokenizer_json(folder / "tokenizer.json")
+    shapes = [f"model.vocab_size={vocab}", "model.max_num_tiles=2", "tokenizer=llama3_2_vision",
+              f"tokenizer.path={folder}", f"tokenizer.image_token_id={vocab}", "tokenizer.max_seq_len=48"]
+
+    out = tmp_path / "lora"
+    assert main(["run", "vlm_finetune", "--config", "llama3_2_vision_tiny_lora", f"output_dir={out}", "max_steps=2",
+                 "checkpoint.every_n_steps=0", f"pretrained={folder}", *shapes, *TINY]) == 0
+    assert "(Hugging Face Llama-3.2-Vision checkpoint)" in capsys.readouterr().out
+    merged = load_file(out / "model" / "model.safetensors")
+    adapters = load_file(out / "model" / "adapter_model.safetensors")
+    adapted = {k[: -len(".lora_a.weight")] + ".weight" for k in adapters if k.endswith(".lora_a.weight")}
+    start = source.state_dict()
+    assert sorted(merged) == sorted(start)
+    assert all(torch.equal(merged[k], start[k]) for k in start if k not in adapted)  # HF's weights, unchanged
+    llama3_2_vision_tiny(vocab_size=vocab, max_num_tiles=2).load_state_dict(merged, strict=True)
+
+    gen = _run(["vlm_generate", "--config", "llama3_2_vision_tiny", "checkpoint=null", f"pretrained={out / 'model'}",
+                "image=shapes:validation:1", "prompt=what colour is the circle?", "max_new_tokens=3", *shapes])
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert "<|" not in gen.stdout.splitlines()[0]  # decoded text, the special tokens dropped

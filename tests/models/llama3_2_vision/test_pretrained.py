@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmtrain.errors import ConfigError
-from mmtrain.models.llama3_2_vision import llama3_2_vision_tiny, lora_llama3_2_vision_tiny, mmtrain_to_hf
+from mmtrain.models.llama3_2_vision import llama3_2_vision_tiny, lora_llama3_2_vision_tiny
 from mmtrain.models.llama3_2_vision._pretrained import load_pretrained
 
 SHAPES = dict(max_num_tiles=2)  # HF's layout keeps tile embeddings, which the encoder has from 2 tiles up
@@ -19,33 +19,12 @@ def _random_tiny() -> torch.nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.1)  # gates open, every tensor away from its initial value
-        # The tile grid's (2, 2) cell belongs to no aspect ratio of 2 tiles: HF does not store it (reads back as 0).
-        clip = model.encoder.clip
-        for grid in (clip.pre_tile_pos_embed.embedding, clip.post_tile_pos_embed.embedding,
-                     clip.token_pos_embedding.global_token_positional_embedding):
-            grid[1, 1] = 0.0
     return model
 
 
-def _write_hf_folder(model: torch.nn.Module, folder) -> None:
-    transformers = pytest.importorskip("transformers")
-    save_file(mmtrain_to_hf(model.state_dict(), num_heads=4, num_kv_heads=2, dim=64, vocab_size=128, encoder_dim=64,
-                            tile_size=32, num_tiles=2), str(folder / "model.safetensors"))
-    rope = dict(rope_type="llama3", rope_theta=10_000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                original_max_position_embeddings=8192)
-    transformers.MllamaConfig(
-        vision_config=dict(hidden_size=64, attention_heads=4, num_hidden_layers=2, num_global_layers=1,
-                           intermediate_size=256, vision_output_dim=128, image_size=32, patch_size=8, max_num_tiles=2,
-                           intermediate_layers_indices=[1], supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]]),
-        text_config=dict(vocab_size=128, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, cross_attention_layers=[1, 4],
-                         max_position_embeddings=128, rope_parameters=rope),
-    ).save_pretrained(folder)
-
-
-def test_a_hugging_face_folder_loads_every_weight_exactly(tmp_path) -> None:
+def test_a_hugging_face_folder_loads_every_weight_exactly(tmp_path, write_tiny_mllama_folder) -> None:
     source = _random_tiny()
-    _write_hf_folder(source, tmp_path)
+    write_tiny_mllama_folder(source, tmp_path)
     target = llama3_2_vision_tiny(**SHAPES)
     message = load_pretrained(target, tmp_path)
     assert "Hugging Face Llama-3.2-Vision checkpoint" in message
