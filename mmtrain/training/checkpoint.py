@@ -415,6 +415,7 @@ class CheckpointManager:
                     dcp.save(state, storage_writer=FileSystemWriter(tmp, sync_files=True), no_dist=not _dist_on())
                 _maybe_die_after_tmp_write(step)
             except (OSError, CheckpointException) as e:
+                _reraise_interrupt(e)
                 error = e
         if _all_ranks_ok(error is None) and _rank() == 0:
             try:
@@ -522,6 +523,7 @@ class CheckpointManager:
             with _quiet_single_process():
                 dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner(), no_dist=not _dist_on())
         except CheckpointException as e:
+            _reraise_interrupt(e)
             raise CheckpointError(f"{path}: could not load ({_describe(e)})") from None
         except RuntimeError as e:
             raise CheckpointError(f"{path}: could not load ({str(e).splitlines()[0]})") from None
@@ -593,16 +595,32 @@ def _templates_from_metadata(saved: dict[str, Any], section: str) -> dict[str, A
     return out
 
 
+def _wrapped_exceptions(error: CheckpointException) -> list[BaseException]:
+    """The per-rank exceptions DCP wrapped in ``error`` (as (exception, traceback frames) pairs)."""
+    failures = getattr(error, "_failures", None) or getattr(error, "failures", {})
+    found = []
+    for failure in failures.values():
+        exc = failure[0] if isinstance(failure, tuple) and failure else getattr(failure, "exc", failure)
+        if isinstance(exc, BaseException):
+            found.append(exc)
+    return found
+
+
+def _reraise_interrupt(error: BaseException) -> None:
+    """DCP catches BaseException inside save/load and wraps it in a CheckpointException: a Ctrl-C (or SystemExit)
+    that lands mid-write must still end the run, not pass for a failed checkpoint that training survives."""
+    if isinstance(error, CheckpointException):
+        for exc in _wrapped_exceptions(error):
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise exc from None
+
+
 def _describe(error: BaseException | None) -> str:
     if error is None:
         return "unknown error"
-    if isinstance(error, CheckpointException):
-        failures = getattr(error, "_failures", None) or getattr(error, "failures", {})
-        for failure in failures.values():
-            # DCP wraps each rank's failure as (exception, traceback frames)
-            exc = failure[0] if isinstance(failure, tuple) and failure else getattr(failure, "exc", failure)
-            if isinstance(exc, BaseException):
-                return _describe(exc)
+    wrapped = _wrapped_exceptions(error) if isinstance(error, CheckpointException) else []
+    if wrapped:
+        return _describe(wrapped[0])
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return "no space left on device"
     text = str(error).splitlines()[0] if str(error) else ""

@@ -90,6 +90,28 @@ def test_missing_marker_is_not_complete(tmp_path):
         mgr.resolve_resume(str(path))
 
 
+@pytest.mark.parametrize("stage", ["write", "read"])
+def test_ctrl_c_inside_a_checkpoint_write_or_read_still_interrupts(tmp_path, monkeypatch, stage):
+    """DCP wraps whatever its storage layer raises, KeyboardInterrupt included, in a CheckpointException: a Ctrl-C
+    that lands mid-write used to be logged as a failed checkpoint while training went on."""
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+    model, opt, sched = _setup()
+    mgr = CheckpointManager(tmp_path)
+    saved = mgr.save(1, model, opt, sched)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FileSystemWriter if stage == "write" else FileSystemReader,
+                        "write_data" if stage == "write" else "read_data", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        if stage == "write":
+            mgr.save(2, model, opt, sched)
+        else:
+            mgr.load(saved, model, opt, sched)
+
+
 def test_no_space_write_keeps_previous(tmp_path, monkeypatch, capsys):
     model, opt, sched = _setup()
     mgr = CheckpointManager(tmp_path)
