@@ -41,12 +41,11 @@ from typing import Any
 
 import torch
 
+from mmtrain.data.vqa import CROSS_ENTROPY_IGNORE_IDX, IMAGE_TOKEN, content_parts
 from mmtrain.errors import ConfigError, DataError
 
 __all__ = ["LLAMA3_SPECIAL_TOKENS", "Llama3VisionTokenizer", "llama3_2_vision_tokenizer"]
 
-CROSS_ENTROPY_IGNORE_IDX = -100
-IMAGE_TOKEN = "<|image|>"
 ROLES = ("system", "user", "assistant", "ipython", "tool")
 
 # The ids of the published Llama 3.2 Vision tokenizer.json (documentation and tests; the ids used are the file's).
@@ -201,20 +200,8 @@ class Llama3VisionTokenizer:
 
     def _content_ids(self, content: Any) -> list[int]:
         """A message's content (a string with ``<|image|>`` markers, or typed parts) -> ids; text stripped."""
-        if isinstance(content, str):
-            parts: list[Any] = [content]
-        else:
-            parts = []
-            for part in content:
-                kind = part.get("type") if isinstance(part, Mapping) else None
-                if kind == "image":
-                    parts.append(None)
-                elif kind == "text":
-                    parts.append(str(part.get("text", part.get("content", ""))))
-                else:
-                    raise DataError(f"message content part of type {kind!r}: expected 'text' or 'image'")
         ids: list[int] = []
-        for part in parts:
+        for part in content_parts(content):
             if part is None:
                 ids.append(self.image_token_id)
                 continue

@@ -47,6 +47,7 @@ __all__ = [
     "VQATokenizer",
     "build_prompt",
     "chat_vqa_dataset",
+    "content_parts",
     "shapes_vqa_dataset",
     "vqa_tokenizer",
 ]
@@ -139,20 +140,26 @@ class VQATokenizer:
         return tokens[: self.max_seq_len], labels[: self.max_seq_len]
 
 
-def _content_text(content: Any) -> str:
-    """A message's content as text with ``<|image|>`` markers (string or a list of typed parts)."""
+def content_parts(content: Any) -> list[str | None]:
+    """A message's content (a string, or a list of ``{"type": "text" | "image", ...}`` parts) as its parts: the text
+    of each text part, None for each image part; a string is one text part (its ``<|image|>`` markers left in)."""
     if isinstance(content, str):
-        return content
-    parts = []
+        return [content]
+    parts: list[str | None] = []
     for part in content:
-        kind = part.get("type")
+        kind = part.get("type") if isinstance(part, Mapping) else None
         if kind == "image":
-            parts.append(IMAGE_TOKEN)
+            parts.append(None)
         elif kind == "text":
             parts.append(str(part.get("text", part.get("content", ""))))
         else:
             raise DataError(f"message content part of type {kind!r}: expected 'text' or 'image'")
-    return " ".join(parts)
+    return parts
+
+
+def _content_text(content: Any) -> str:
+    """A message's content as text with ``<|image|>`` markers (string or a list of typed parts)."""
+    return " ".join(IMAGE_TOKEN if part is None else part for part in content_parts(content))
 
 
 def vqa_tokenizer(vocab_path: str | None = None, image_token_id: int = 128, max_seq_len: int = 64) -> VQATokenizer:
