@@ -2,8 +2,8 @@
 
 Shapes as mmtrain's attention modules: ``q: (*batch, S_q, D)``, ``k: (*batch, S_k, D)``, ``v: (*batch, S_k, D_v)``
 -> ``(*batch, S_q, D_v)``, with ``*batch`` either ``batch * heads`` or ``(batch, heads)``. FA4 takes
-``(batch, seq, heads, dim)``: the transposes are views, made contiguous (a copy only where the caller's layout is not
-already that one) and zero-padded in the head dim where FA4 needs it (see ``HEAD_DIM_MULTIPLE``). Its forward and
+``(batch, seq, heads, dim)``: the transposes are views, handed over as they are (FA4 reads any layout whose last dim
+is contiguous) and zero-padded in the head dim where FA4 needs it (see ``HEAD_DIM_MULTIPLE``). Its forward and
 backward are the custom ops ``torch.ops.mmtrain.fa4_forward``/``fa4_backward``, so torch.compile traces through them.
 
 FA4 is written in CuTe DSL and compiles each kernel on its first call (seconds), then reuses it. On Hopper it runs
@@ -136,18 +136,20 @@ def _head_dim_multiple(q: torch.Tensor) -> int:
     return SM90_HEAD_DIM_MULTIPLE if _on_sm90(q) else HEAD_DIM_MULTIPLE
 
 
-def _contiguous_padded(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+def _padded_rows(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Zero columns up to ``head_dim`` (they add nothing to ``q k^T``; in v they give output columns that are cut
-    off), in one contiguous ``(batch, S, heads, head_dim)`` tensor: the layout the FA4 ops promise their callers."""
+    off). FA4 reads any layout whose last dim is contiguous, so a ``(batch, heads, S, D)`` tensor's transposed view
+    goes in as it is, without a copy (and the backward keeps the views, not copies, for its inputs)."""
     if x.shape[-1] != head_dim:
-        return F.pad(x, (0, head_dim - x.shape[-1])).contiguous()
-    return x.contiguous()
+        return F.pad(x, (0, head_dim - x.shape[-1]))
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 # FA4's forward and backward as two custom ops, so that TorchDynamo traces attention as one node of the graph (a
 # compiled layer stays one graph; inductor sees the padding and the layout changes around it) instead of breaking
-# the graph at a kernel it cannot read. Inputs and outputs are contiguous (batch, S, heads, D), lse is
-# (batch, heads, S_q) float32; FA4's own ``_flash_attn_fwd``/``_flash_attn_bwd`` (4.0.0b40) do the work.
+# the graph at a kernel it cannot read. Inputs are (batch, S, heads, D) with the last dim contiguous, in any
+# layout; out is contiguous, lse (batch, heads, S_q) float32, and dq, dk, dv have the layout of q, k, v
+# (``empty_like``, in the fake kernels too). FA4's own ``_flash_attn_fwd``/``_flash_attn_bwd`` (4.0.0b40) work.
 _FORWARD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, float scale, bool causal, int? window_left, int? window_right)"
                    " -> (Tensor, Tensor)")
 _BACKWARD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, bool causal,"
@@ -209,16 +211,17 @@ def _fa4_forward_fake(q, k, v, scale, causal, window_left, window_right):
 @torch.library.custom_op("mmtrain::fa4_backward", mutates_args=(), schema=_BACKWARD_SCHEMA)
 def _fa4_backward(dout, q, k, v, out, lse, scale, causal, window_left, window_right):
     module = _loaded_module()
+    dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
     with _dq_accumulator_fix(module, q):
-        grads = module._flash_attn_bwd(
+        module._flash_attn_bwd(
             q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, window_size_left=window_left,
-            window_size_right=window_right)
-    return tuple(g.contiguous() for g in grads[:3])
+            window_size_right=window_right, dq=dq, dk=dk, dv=dv)
+    return dq, dk, dv
 
 
 @_fa4_backward.register_fake
 def _fa4_backward_fake(dout, q, k, v, out, lse, scale, causal, window_left, window_right):
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+    return tuple(torch.empty_like(x) for x in (q, k, v))
 
 
 def _fa4_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -229,7 +232,8 @@ def _fa4_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Te
 
 def _fa4_forward_backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple[Any, ...]:
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _fa4_backward(dout.contiguous(), q, k, v, out, lse, *ctx.options)
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    dq, dk, dv = _fa4_backward(dout, q, k, v, out, lse, *ctx.options)
     return dq, dk, dv, None, None, None, None
 
 
@@ -254,8 +258,8 @@ def fa4_attention(
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
     scale = head_dim ** -0.5 if scale is None else scale  # the unpadded head dim's
     multiple = _head_dim_multiple(q)
-    q4, k4 = (_contiguous_padded(_to_bshd(x), _padded(head_dim, multiple)) for x in (q, k))
-    v4 = _contiguous_padded(_to_bshd(v), _padded(head_dim_v, multiple))
+    q4, k4 = (_padded_rows(_to_bshd(x), _padded(head_dim, multiple)) for x in (q, k))
+    v4 = _padded_rows(_to_bshd(v), _padded(head_dim_v, multiple))
     left, right = (None, None) if window is None else (int(window[0]), int(window[1]))
     out, _ = _fa4_forward(q4, k4, v4, float(scale), bool(causal), left, right)
     out = out[..., :head_dim_v]

@@ -120,7 +120,24 @@ def test_fa4_attention_hands_over_heads_as_bshd_and_returns_the_callers_layout(f
     assert fake_fa4.calls[-1]["shape"][1:] == (9, heads, 32) and fake_fa4.calls[-1]["v_shape"][-1] == 32
     assert fake_fa4.calls[-1]["scale"] == pytest.approx(8 ** -0.5)
     assert fake_fa4.calls[-1]["window_size"] == (2, 2)
-    assert fake_fa4.calls[-1]["contiguous"]  # the unpacked ops promise contiguous (b, s, h, d)
+    assert fake_fa4.calls[-1]["contiguous"]  # padded: F.pad wrote a new (b, s, h, d) tensor
+
+
+def test_fa4_reads_the_callers_heads_in_place_and_writes_gradients_in_their_layout(fake_fa4):
+    """A (batch, heads, S, D) input whose head dim needs no padding reaches FA4 as its transposed view (no copy of
+    q, k, v, and none kept for the backward); the gradients come back in the same layout, equal to a float64
+    reference."""
+    q, k, v = (t.requires_grad_() for t in qkv(2, 3, s_q=7, d=32))
+    out = fa4_module.fa4_attention(q, k, v, window=(2, 1))
+    call = fake_fa4.calls[-1]
+    assert not call["contiguous"] and call["storage"] == {x.untyped_storage().data_ptr() for x in (q, k, v)}
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    assert fake_fa4.backward_outputs == [True, True, True]  # written into tensors the op allocated
+    ref_q, ref_k, ref_v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    (reference(ref_q, ref_k, ref_v, flash_band(7, 7, 2, 1)) * weights).sum().backward()
+    for got, want in ((q.grad, ref_q.grad), (k.grad, ref_k.grad), (v.grad, ref_v.grad)):
+        torch.testing.assert_close(got, want)
 
 
 def test_fa4_head_dims_are_padded_to_the_multiple_and_gradients_flow_back(fake_fa4):
