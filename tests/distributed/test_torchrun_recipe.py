@@ -16,6 +16,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from tests.distributed.launching import launch_env, logged_losses
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "contrastive.py"
 pytestmark = pytest.mark.slow
@@ -60,21 +62,10 @@ def two_ranks(tmp_path: pathlib.Path, output_dir: pathlib.Path, max_steps: int =
     config = tmp_path / f"tiny_clip_{output_dir.name}.yaml"
     cfg = tiny_clip_cfg(output_dir, max_steps, device) if cfg is None else cfg
     config.write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), **(env_extra or {}))
+    env = launch_env(**(env_extra or {}))
     cmd = [sys.executable, "-m", "mmtrain.cli.main", "run", "contrastive", "--config", str(config),
            "--nproc-per-node", "2", *extra]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
-
-
-def losses(output_dir: pathlib.Path) -> dict[int, float]:
-    """step -> loss; a step logged twice (before a crash and after the restart) keeps its last value."""
-    out: dict[int, float] = {}
-    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
-        event = json.loads(line)
-        if "loss" in event:
-            out[event["step"]] = event["loss"]
-    return out
 
 
 def _assert_continuation(expected: dict[int, float], got: dict[int, float], tolerance: float = 1e-5) -> None:
@@ -92,19 +83,19 @@ def _rewind_to_first_checkpoint(output_dir: pathlib.Path) -> None:
 def test_checkpoint_moves_between_world_sizes(tmp_path):
     reference = tmp_path / "one_rank_uninterrupted"
     one_rank(reference)
-    expected = losses(reference)
+    expected = logged_losses(reference)
     assert sorted(expected) == list(range(1, STEPS + 1))
 
     # Saved on 2 ranks, resumed on 1.
     saved_on_two = tmp_path / "saved_on_two"
     proc = two_ranks(tmp_path, saved_on_two)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    two = losses(saved_on_two)
+    two = logged_losses(saved_on_two)
     for step in range(1, STEPS + 1):  # the 2-rank run itself matches the 1-rank run
         assert abs(two[step] - expected[step]) < 1e-5, (step, two[step], expected[step])
     _rewind_to_first_checkpoint(saved_on_two)
     one_rank(saved_on_two)
-    _assert_continuation(expected, losses(saved_on_two))
+    _assert_continuation(expected, logged_losses(saved_on_two))
 
     # Saved on 1 rank, resumed on 2.
     saved_on_one = tmp_path / "saved_on_one"
@@ -114,7 +105,7 @@ def test_checkpoint_moves_between_world_sizes(tmp_path):
     proc = two_ranks(tmp_path, saved_on_one)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stdout and f"step_{CKPT_EVERY:08d}" in proc.stdout
-    _assert_continuation(expected, losses(saved_on_one))
+    _assert_continuation(expected, logged_losses(saved_on_one))
 
 
 # Two GPUs: the same crash and restart over NCCL, one GPU per rank, against one GPU uninterrupted. cuDNN
@@ -127,7 +118,7 @@ TWO_GPUS = pytest.param("cuda", 1e-3, marks=[pytest.mark.gpu, pytest.mark.skipif
 def test_killed_rank_is_restarted_and_run_finishes(tmp_path, device, tolerance):
     reference = tmp_path / "reference"
     one_rank(reference, device=device)
-    expected = losses(reference)
+    expected = logged_losses(reference)
     run_dir = tmp_path / "faulty"
     # Rank 1 dies right after step 4 (after the step-3 checkpoint) on the first attempt only.
     proc = two_ranks(tmp_path, run_dir, STEPS, "--max-restarts", "1", device=device,
@@ -136,7 +127,7 @@ def test_killed_rank_is_restarted_and_run_finishes(tmp_path, device, tolerance):
     assert "= 2 rank(s)" in proc.stdout and (device == "cpu" or "cuda:" in proc.stdout), proc.stdout
     # The group was restarted and resumed from the step-3 checkpoint (the crash came after step 4).
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{CKPT_EVERY:08d}'}" in proc.stdout, proc.stdout
-    got = losses(run_dir)
+    got = logged_losses(run_dir)
     assert max(got) == STEPS
     _assert_continuation(expected, got, tolerance)
 

@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+from tests.distributed.launching import launch_env
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = pathlib.Path(__file__).with_name("dist_train_tiny.py")
 
@@ -32,8 +34,7 @@ def single_process(loss: str, steps: int, device: str = "cpu") -> dict:
 
 def torchrun(tmp_path: pathlib.Path, *args: str) -> dict:
     out = tmp_path / "result.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env = launch_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(SCRIPT), *args, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120,

@@ -6,14 +6,14 @@ paths up in the checkpoint's state dict."""
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 import shutil
 import subprocess
 import sys
 
 import pytest
+
+from tests.distributed.launching import launch_env, logged_losses
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -25,27 +25,16 @@ RUN = [f"max_steps={STEPS}", f"checkpoint.every_n_steps={CKPT_EVERY}", "device=c
 
 
 def two_ranks(output_dir: pathlib.Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "mmtrain.cli.main", "run", "vlm_finetune", "--config", "llama3_2_vision_tiny",
            f"output_dir={output_dir}", *RUN, "--nproc-per-node", "2"]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
-
-
-def losses(output_dir: pathlib.Path) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
-        event = json.loads(line)
-        if "loss" in event:
-            out[event["step"]] = event["loss"]
-    return out
+    return subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_vlm_finetune_resumes_on_two_ranks_like_the_uninterrupted_run(tmp_path):
     reference = tmp_path / "uninterrupted"
     proc = two_ranks(reference)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    expected = losses(reference)
+    expected = logged_losses(reference)
     assert sorted(expected) == list(range(1, STEPS + 1))
 
     # The same run stopped after its step-3 checkpoint (same max_steps, so the same schedule), then rerun.
@@ -56,7 +45,7 @@ def test_vlm_finetune_resumes_on_two_ranks_like_the_uninterrupted_run(tmp_path):
     proc = two_ranks(resumed)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"resumed from {resumed / 'checkpoints' / f'step_{CKPT_EVERY:08d}'}" in proc.stdout, proc.stdout
-    got = losses(resumed)
+    got = logged_losses(resumed)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(CKPT_EVERY + 1, STEPS + 1):  # same ranks, same reduction order: bit for bit
         assert got[step] == expected[step], (step, expected[step], got[step])
