@@ -1,8 +1,11 @@
-"""LoRA adapters (torchtune's ``LoRALinear``): ``y = W x + b + (alpha / rank) * B(A(dropout(x)))``.
+"""LoRA adapters (torchtune's ``LoRALinear``): ``y = W x + b + (alpha / rank) * B(A(dropout(x)))``, and DoRA
+(torchtune's ``DoRALinear``): ``y = m / ||W + s B A|| * (W x + s B(A(dropout(x)))) + b`` with ``s = alpha / rank``
+and the row norm ``||.||`` (one per output feature) taken as a constant in backward, as the DoRA paper does.
 
 State-dict keys: the base ``weight`` (and ``bias``) keep the name of the ``nn.Linear`` they replace, the adapters
-add ``lora_a.weight`` (rank, in_dim) and ``lora_b.weight`` (out_dim, rank), as torchtune. ``lora_b`` starts at
-zero, so a freshly adapted model computes exactly what the original did.
+add ``lora_a.weight`` (rank, in_dim) and ``lora_b.weight`` (out_dim, rank), and DoRA ``magnitude`` (out_dim,), as
+torchtune. ``lora_b`` starts at zero and ``magnitude`` at the row norms of ``W``, so a freshly adapted model computes
+exactly what the original did.
 
 Shapes: x (..., in_dim) -> (..., out_dim).
 """
@@ -17,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LORA_ATTN_MODULES", "LoRALinear", "apply_lora", "apply_lora_to", "disable_adapter", "lora_param_names",
-           "merge_lora_state_dict"]
+__all__ = ["LORA_ATTN_MODULES", "DoRALinear", "LoRALinear", "apply_lora", "apply_lora_to", "disable_adapter",
+           "initialize_dora_magnitudes", "lora_param_names", "merge_lora_state_dict"]
 
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
@@ -81,6 +84,81 @@ class LoRALinear(nn.Module):
         return out + self.lora_b(self.lora_a(self.dropout(x))) * (self.alpha / self.rank)
 
 
+def _accumulation_dtype(weight: torch.Tensor) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 weights (in bf16 the small update would round away), float64 for float64."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _adapted_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + scale * B A`` in the accumulation dtype: (out_dim, in_dim)."""
+    dtype = _accumulation_dtype(weight)
+    return weight.to(dtype) + scale * (lora_b.to(dtype) @ lora_a.to(dtype))
+
+
+def _dora_row_norms(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``||W + scale * B A||`` over each row: (out_dim,)."""
+    return torch.linalg.vector_norm(_adapted_weight(weight, lora_a, lora_b, scale), dim=1)
+
+
+class DoRALinear(LoRALinear):
+    """DoRA: the adapted weight ``W + s B A`` split into a direction (its rows normalised) and a trainable magnitude
+    per output feature. Arguments as ``LoRALinear``.
+
+    The bias is added after the magnitude scaling, as in the DoRA paper and PEFT, so that the merged weights
+    (``merge_lora_state_dict``) compute what the adapted layer does; torchtune 0.6.1's ``DoRALinear`` scales the bias
+    too in its forward but not in its merge.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float = 0.0,
+                 use_bias: bool = False) -> None:
+        super().__init__(in_dim, out_dim, rank, alpha, dropout, use_bias)
+        self.magnitude = nn.Parameter(torch.empty(out_dim, device=self.weight.device, dtype=self.weight.dtype))
+        if not self.weight.is_meta:
+            self.initialize_dora_magnitude()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> DoRALinear:
+        dora = super().from_linear(linear, rank, alpha, dropout)
+        assert isinstance(dora, DoRALinear)
+        weight = linear.weight
+        dora.magnitude = nn.Parameter(torch.empty(linear.out_features, device=weight.device, dtype=weight.dtype))
+        if not weight.is_meta:
+            dora.initialize_dora_magnitude()
+        return dora
+
+    @torch.no_grad()
+    def initialize_dora_magnitude(self) -> None:
+        """Set ``magnitude`` to the row norms of ``W + s B A``, so the layer computes what it did before; call it after
+        the base weights are loaded (torchtune's recipes do the same)."""
+        if self.weight.is_meta or self.lora_a.weight.is_meta or self.lora_b.weight.is_meta:
+            raise RuntimeError("DoRA magnitude: the base or adapter weights are still on the meta device")
+        norms = _dora_row_norms(self.weight, self.lora_a.weight, self.lora_b.weight, self.alpha / self.rank)
+        self.magnitude.copy_(norms)
+
+    def adapter_params(self) -> list[str]:
+        return ["lora_a.weight", "lora_b.weight", "magnitude"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return F.linear(x, self.weight, self.bias)
+        scale = self.alpha / self.rank
+        with torch.no_grad():
+            norms = _dora_row_norms(self.weight, self.lora_a.weight, self.lora_b.weight, scale)
+        # the magnitude's gradient flows through this factor; the norms are constants (the paper's section 4.3)
+        factor = (self.magnitude.to(norms.dtype) / norms).to(x.dtype)
+        out = (F.linear(x, self.weight) + self.lora_b(self.lora_a(self.dropout(x))) * scale) * factor
+        return out if self.bias is None else out + self.bias
+
+
+@torch.no_grad()
+def initialize_dora_magnitudes(model: nn.Module) -> int:
+    """``initialize_dora_magnitude`` on every ``DoRALinear`` of ``model``; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, DoRALinear)]
+    for layer in layers:
+        layer.initialize_dora_magnitude()
+    return len(layers)
+
+
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every ``LoRALinear`` in ``model`` computes its base layer only (torchtune's
@@ -104,10 +182,11 @@ def apply_lora(
     alpha: float = 16,
     dropout: float = 0.0,
     scope: str = "",
+    use_dora: bool = False,
 ) -> list[str]:
     """Replace every ``nn.Linear`` whose attribute name is in ``target_modules`` (under the submodule path
-    ``scope``, '' = everywhere) by a ``LoRALinear`` sharing its weights; adapters are trainable, the base keeps its
-    ``requires_grad``. Returns the full names of the adapter parameters."""
+    ``scope``, '' = everywhere) by a ``LoRALinear`` (``DoRALinear`` with ``use_dora``) sharing its weights; adapters
+    are trainable, the base keeps its ``requires_grad``. Returns the full names of the adapter parameters."""
     targets = set(target_modules)
     unknown = targets - set(LORA_ATTN_MODULES) - {"w1", "w2", "w3", "output"}
     if unknown:
@@ -118,16 +197,21 @@ def apply_lora(
             continue
         for child_name, child in list(parent.named_children()):
             if child_name in targets and type(child) is nn.Linear:
-                setattr(parent, child_name, LoRALinear.from_linear(child, rank, alpha, dropout))
+                adapter = _adapter_class(use_dora).from_linear(child, rank, alpha, dropout)
+                setattr(parent, child_name, adapter)
                 full = f"{parent_name}.{child_name}" if parent_name else child_name
-                replaced += [f"{full}.lora_a.weight", f"{full}.lora_b.weight"]
+                replaced += [f"{full}.{p}" for p in adapter.adapter_params()]
     return replaced
 
 
+def _adapter_class(use_dora: bool) -> type[LoRALinear]:
+    return DoRALinear if use_dora else LoRALinear
+
+
 def apply_lora_to(model: nn.Module, names: Iterable[str], *, rank: int = 8, alpha: float = 16,
-                  dropout: float = 0.0) -> list[str]:
+                  dropout: float = 0.0, use_dora: bool = False) -> list[str]:
     """Replace exactly the ``nn.Linear`` submodules with these full names (e.g. ``decoder.layers.0.attn.q_proj``) by
-    ``LoRALinear``s sharing their weights; adapters are trainable, the base keeps its ``requires_grad``. Returns the
+    ``LoRALinear``s (``DoRALinear``s with ``use_dora``) sharing their weights; adapters are trainable, the base keeps its ``requires_grad``. Returns the
     full names of the adapter parameters. A name that is not an ``nn.Linear`` of ``model`` is a ValueError."""
     modules = dict(model.named_modules())
     replaced: list[str] = []
@@ -136,21 +220,26 @@ def apply_lora_to(model: nn.Module, names: Iterable[str], *, rank: int = 8, alph
         if type(child) is not nn.Linear:
             raise ValueError(f"LoRA target {full!r} is not an nn.Linear of the model")
         parent_name, _, child_name = full.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child_name,
-                LoRALinear.from_linear(child, rank, alpha, dropout))
-        replaced += [f"{full}.lora_a.weight", f"{full}.lora_b.weight"]
+        adapter = _adapter_class(use_dora).from_linear(child, rank, alpha, dropout)
+        setattr(modules[parent_name] if parent_name else model, child_name, adapter)
+        replaced += [f"{full}.{p}" for p in adapter.adapter_params()]
     return replaced
 
 
-def _merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    return (weight.float() + scale * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+def _merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+           magnitude: torch.Tensor | None) -> torch.Tensor:
+    merged = _adapted_weight(weight, lora_a, lora_b, scale)
+    if magnitude is not None:
+        merged = merged * (magnitude.to(merged.dtype) / torch.linalg.vector_norm(merged, dim=1)).unsqueeze(1)
+    return merged.to(weight.dtype)
 
 
 def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], rank: int | dict[str, int],
                           alpha: float | dict[str, float]) -> dict[str, torch.Tensor]:
     """torchtune's ``get_merged_lora_ckpt``: each ``X.weight`` with adapters ``X.lora_a.weight`` (rank, in) and
-    ``X.lora_b.weight`` (out, rank) becomes ``X.weight + (alpha / rank) * lora_b @ lora_a`` (in float32, stored in the
-    weight's dtype) and the adapter keys are dropped: the result loads into the model without LoRA. ``rank`` and
+    ``X.lora_b.weight`` (out, rank) becomes ``V = X.weight + (alpha / rank) * lora_b @ lora_a``, and with a DoRA
+    ``X.magnitude`` (out,) ``V * magnitude / ||V||`` (row norms), computed in float32 and stored in the weight's dtype;
+    the adapter keys are dropped: the result loads into the model without LoRA. ``rank`` and
     ``alpha`` may also be dicts from ``X`` to that layer's values. Returns a new dict; the input is not changed."""
     merged = dict(state_dict)
     for key in [k for k in state_dict if k.endswith(".lora_a.weight")]:
@@ -162,9 +251,13 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], rank: int | dict[
             raise ValueError(f"LoRA merge: no rank/alpha given for {prefix}")
         layer_rank = rank[prefix] if isinstance(rank, dict) else rank
         layer_alpha = alpha[prefix] if isinstance(alpha, dict) else alpha
-        merged[w_key] = _merge(state_dict[w_key], state_dict[key], state_dict[b_key], layer_alpha / layer_rank)
+        magnitude = state_dict.get(f"{prefix}.magnitude")
+        merged[w_key] = _merge(state_dict[w_key], state_dict[key], state_dict[b_key], layer_alpha / layer_rank,
+                               magnitude)
         del merged[key], merged[b_key]
-    stray = [k for k in merged if k.endswith(".lora_b.weight")]
+        if magnitude is not None:
+            del merged[f"{prefix}.magnitude"]
+    stray = [k for k in merged if k.endswith((".lora_b.weight", ".magnitude"))]
     if stray:
         raise ValueError(f"LoRA merge: {stray[0]} has no lora_a beside it")
     return merged

@@ -706,21 +706,22 @@ def _write_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], fol
 
 def _write_lora_adapters(model: torch.nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> bool:
     """With LoRA adapters in ``model``, write them alone, as torchtune's LoRA recipe does:
-    ``adapter_model.safetensors`` (the ``lora_a``/``lora_b`` tensors, under the export's key names) and
-    ``adapter_config.json`` (PEFT's fields: ``r``, ``lora_alpha``, ``target_modules``, ``peft_type``). Returns
-    whether there were adapters."""
+    ``adapter_model.safetensors`` (the ``lora_a``/``lora_b`` tensors and DoRA's ``magnitude``, under the export's key
+    names) and ``adapter_config.json`` (PEFT's fields: ``r``, ``lora_alpha``, ``target_modules``, ``peft_type``,
+    ``use_dora``). Returns whether there were adapters."""
     from safetensors.torch import save_file
 
-    from mmtrain.modules.lora import LoRALinear
+    from mmtrain.modules.lora import DoRALinear, LoRALinear
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    adapters = {k: v for k, v in tensors.items() if k.endswith((".lora_a.weight", ".lora_b.weight"))}
+    adapters = {k: v for k, v in tensors.items() if k.endswith((".lora_a.weight", ".lora_b.weight", ".magnitude"))}
     if not layers or not adapters:
         return False
     first = next(iter(layers.values()))
     save_file(adapters, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     settings = {"r": first.rank, "lora_alpha": first.alpha, "peft_type": "LORA",
-                "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers})}
+                "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
+                "use_dora": any(isinstance(m, DoRALinear) for m in layers.values())}
     (folder / "adapter_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     return True
 

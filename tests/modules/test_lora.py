@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mmtrain.models.llama3_2_vision import llama3_2_vision_tiny
-from mmtrain.modules.lora import LoRALinear, apply_lora
+from mmtrain.modules.lora import DoRALinear, LoRALinear, apply_lora
 
 
 def test_lora_linear_formula_and_zero_init() -> None:
@@ -130,5 +130,74 @@ def test_lora_builder_refusals() -> None:
         lora_llama3_2_vision_tiny(["qkv"])
     with pytest.raises(ValueError, match="name at least one"):
         lora_llama3_2_vision_tiny([])
-    with pytest.raises(ValueError, match="DoRA, QLoRA"):
-        lora_llama3_2_vision_tiny(["q_proj"], use_dora=True)
+    with pytest.raises(ValueError, match="quantize_base \\(QLoRA"):
+        lora_llama3_2_vision_tiny(["q_proj"], quantize_base=True)
+
+
+def _trained_dora(bias: bool) -> tuple[nn.Linear, DoRALinear]:
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4, bias=bias).double()
+    dora = DoRALinear.from_linear(base, rank=2, alpha=4.0)
+    with torch.no_grad():  # a trained adapter: B nonzero, magnitudes moved off the row norms
+        dora.lora_b.weight.normal_()
+        dora.magnitude.mul_(torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=torch.float64))
+    return base, dora
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_dora_linear_against_the_papers_formula_in_float64(bias: bool) -> None:
+    """y = m / ||W + s B A||_row * (W x + s B A x) + b, the row norms a constant in backward (DoRA, section 4.3)."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4, bias=bias).double()
+    fresh = DoRALinear.from_linear(base, rank=2, alpha=4.0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(fresh(x), base(x), rtol=1e-12, atol=1e-12)  # starts as the layer it adapts
+    torch.testing.assert_close(fresh.magnitude, base.weight.norm(dim=1))
+    assert sorted(fresh.state_dict()) == sorted(["weight", "lora_a.weight", "lora_b.weight", "magnitude"]
+                                                + (["bias"] if bias else []))
+
+    base, dora = _trained_dora(bias)
+    w, a, b, m = (t.detach().clone() for t in (base.weight, dora.lora_a.weight, dora.lora_b.weight, dora.magnitude))
+    a.requires_grad_(), b.requires_grad_(), m.requires_grad_()
+    norms = (w + 2.0 * b.detach() @ a.detach()).norm(dim=1)
+    expected = (m / norms) * (x @ w.T + 2.0 * (x @ a.T) @ b.T)
+    if bias:
+        expected = expected + base.bias.detach()
+    weights = torch.randn(3, 4, dtype=torch.float64)
+    (expected * weights).sum().backward()
+    out = dora(x)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-12, atol=1e-12)
+    for got, want in ((dora.magnitude.grad, m.grad), (dora.lora_a.weight.grad, a.grad),
+                      (dora.lora_b.weight.grad, b.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert dora.adapter_params() == ["lora_a.weight", "lora_b.weight", "magnitude"]
+
+
+def test_dora_merge_computes_what_the_adapted_layer_did() -> None:
+    from mmtrain.modules.lora import disable_adapter, merge_lora_state_dict
+
+    base, dora = _trained_dora(bias=True)
+    model = nn.Sequential(dora)
+    merged = merge_lora_state_dict(model.state_dict(), rank=2, alpha=4.0)
+    assert sorted(merged) == ["0.bias", "0.weight"]
+    plain = nn.Sequential(nn.Linear(6, 4)).double()
+    plain.load_state_dict(merged, strict=True)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    torch.testing.assert_close(plain(x), model(x).detach(), rtol=1e-12, atol=1e-12)
+    with disable_adapter(model):  # the base layer alone, magnitude and adapters ignored
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="0.magnitude has no lora_a"):
+        merge_lora_state_dict({"0.weight": merged["0.weight"], "0.magnitude": torch.ones(4)}, 2, 4.0)
+
+
+def test_dora_builder_trains_adapters_and_magnitudes_only() -> None:
+    from mmtrain.models.llama3_2_vision import lora_llama3_2_vision_tiny
+    model = lora_llama3_2_vision_tiny(["q_proj", "v_proj"], use_dora=True, num_layers=2, clip_num_layers=1)
+    layers = sorted(n for n, m in model.named_modules() if isinstance(m, DoRALinear))
+    assert "decoder.layers.1.fusion_layer.attn.q_proj" in layers and "encoder.clip.layers.0.attn.v_proj" in layers
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{p}" for n in layers for p in ("lora_a.weight", "lora_b.weight", "magnitude")}
+    assert "decoder.layers.1.fusion_layer.attn.q_proj.magnitude" in model.state_dict()
+    names = apply_lora(nn.Sequential(nn.Module()), ["q_proj"], use_dora=True)
+    assert names == []

@@ -190,6 +190,37 @@ def test_lora_finetune_from_an_export_trains_only_adapters_and_exports_them_merg
     llama3_2_vision_tiny().load_state_dict(merged, strict=True)
 
 
+def test_dora_finetune_exports_merged_weights_from_trained_magnitudes(tmp_path, capsys) -> None:
+    """``model.use_dora=true``: the DoRA run starts from the export, trains adapters and magnitudes, and its merged
+    export is ``(W + s B A) * m / ||W + s B A||`` per row, loadable into the model without adapters."""
+    from safetensors.torch import load_file
+
+    from mmtrain.cli.main import main
+    from mmtrain.models.llama3_2_vision import llama3_2_vision_tiny
+
+    base, dora = tmp_path / "base", tmp_path / "dora"
+    assert main(["run", "vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={base}", "max_steps=1",
+                 "checkpoint.every_n_steps=0", *TINY]) == 0
+    assert main(["run", "vlm_finetune", "--config", "llama3_2_vision_tiny_lora", f"output_dir={dora}",
+                 "max_steps=3", "checkpoint.every_n_steps=0", "model.use_dora=true", f"pretrained={base / 'model'}",
+                 *TINY]) == 0
+    start, merged = load_file(base / "model" / "model.safetensors"), load_file(dora / "model" / "model.safetensors")
+    adapters = load_file(dora / "model" / "adapter_model.safetensors")
+    assert json.loads((dora / "model" / "adapter_config.json").read_text())["use_dora"] is True
+    layers = [k[: -len(".magnitude")] for k in adapters if k.endswith(".magnitude")]
+    assert "decoder.layers.1.fusion_layer.attn.q_proj" in layers and sorted(merged) == sorted(start)
+    moved = 0
+    for layer in layers:
+        a, b = adapters[f"{layer}.lora_a.weight"].double(), adapters[f"{layer}.lora_b.weight"].double()
+        direction = start[f"{layer}.weight"].double() + 2.0 * b @ a
+        magnitude = adapters[f"{layer}.magnitude"].double()
+        moved += not torch.allclose(magnitude, start[f"{layer}.weight"].double().norm(dim=1))
+        expected = direction * (magnitude / direction.norm(dim=1)).unsqueeze(1)
+        torch.testing.assert_close(merged[f"{layer}.weight"].double(), expected, rtol=1e-5, atol=1e-6)
+    assert moved  # the magnitudes trained
+    llama3_2_vision_tiny().load_state_dict(merged, strict=True)
+
+
 def test_pretrained_weights_of_another_size_are_a_one_line_error(tmp_path) -> None:
     from mmtrain.cli.main import main
 

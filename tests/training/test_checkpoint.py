@@ -233,7 +233,7 @@ def test_export_of_a_lora_model_merges_the_adapters_and_writes_them_alone_too(tm
                                 "0.v_proj.lora_b.weight"]
     assert all(torch.equal(adapters[k], state[k]) for k in adapters)
     assert json.loads((out / "adapter_config.json").read_text()) == {
-        "r": 2, "lora_alpha": 4.0, "peft_type": "LORA", "target_modules": ["q_proj", "v_proj"]}
+        "r": 2, "lora_alpha": 4.0, "peft_type": "LORA", "target_modules": ["q_proj", "v_proj"], "use_dora": False}
     # torchtune's merged checkpoint: W + (alpha / rank) B A, no adapter keys; it loads into the model without LoRA.
     for name in ("q_proj", "v_proj"):
         a, b = state[f"0.{name}.lora_a.weight"].double(), state[f"0.{name}.lora_b.weight"].double()
@@ -250,5 +250,29 @@ def test_export_of_a_lora_model_merges_the_adapters_and_writes_them_alone_too(tm
     with pytest.raises(CheckpointError, match="no LoRA adapters"):
         export_model(nn.Linear(2, 2), tmp_path / "plain2", adapter_weights_only=True)
     assert not (tmp_path / "plain2").exists()
+
+
+def test_export_of_a_dora_model_writes_magnitudes_and_merged_weights_that_compute_the_same(tmp_path):
+    from safetensors.torch import load_file
+
+    from mmtrain.modules.lora import apply_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Module())
+    model[0].q_proj, model[0].w1 = nn.Linear(4, 6), nn.Linear(6, 3)
+    apply_lora(model, ["q_proj"], rank=2, alpha=4.0, use_dora=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    x = torch.randn(5, 4)
+    expected = model[0].w1(model[0].q_proj(x)).detach()
+    out = export_model(model, tmp_path / "model", {"seed": 3}, step=1)
+    adapters = load_file(str(out / "adapter_model.safetensors"))
+    assert sorted(adapters) == ["0.q_proj.lora_a.weight", "0.q_proj.lora_b.weight", "0.q_proj.magnitude"]
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    plain = nn.Sequential(nn.Module())
+    plain[0].q_proj, plain[0].w1 = nn.Linear(4, 6), nn.Linear(6, 3)
+    plain.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    torch.testing.assert_close(plain[0].w1(plain[0].q_proj(x)), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -16,6 +16,8 @@ projections named in ``lora_attn_modules``, on its MLP with ``apply_lora_to_mlp`
 self-attention layers (and ``decoder.output``); the fusion part the cross-attention layers and the encoder's projection
 head (and ``encoder.projection.output``); the encoder part the CLIP layers. As in torchtune's LoRA recipe, only the
 adapters train when no part is ``"full"``: the fusion embeddings and the cross-attention gates stay frozen too.
+``use_dora=True`` makes the adapters DoRA layers (a trainable magnitude per output feature besides ``lora_a`` and
+``lora_b``), as torchtune's ``use_dora``.
 """
 
 from __future__ import annotations
@@ -210,8 +212,9 @@ def _with_lora(build: Any, *, lora_attn_modules: Sequence[str], decoder_trainabl
                fusion_trainable: Any, apply_lora_to_mlp: bool, apply_lora_to_output: bool, lora_rank: int,
                lora_alpha: float, lora_dropout: float, use_dora: bool, quantize_base: bool,
                **shapes: Any) -> DeepFusionModel:
-    if use_dora or quantize_base:
-        raise ValueError("use_dora / quantize_base (DoRA, QLoRA) are not supported by mmtrain's LoRA builders yet")
+    if quantize_base:
+        raise ValueError("quantize_base (QLoRA: NF4 base weights) is not supported by mmtrain's LoRA builders; "
+                         "use_dora (DoRA) and plain LoRA are")
     if not lora_attn_modules and not apply_lora_to_mlp and not apply_lora_to_output:
         raise ValueError("lora_attn_modules: name at least one of q_proj, k_proj, v_proj, output_proj (or set "
                          "apply_lora_to_mlp / apply_lora_to_output)")
@@ -221,7 +224,7 @@ def _with_lora(build: Any, *, lora_attn_modules: Sequence[str], decoder_trainabl
     model = build(decoder_trainable=parts["decoder"] == "full", encoder_trainable=parts["encoder"] == "full",
                   fusion_trainable=parts["fusion"] == "full", lora_attn_modules=None, **shapes)
     targets = _lora_targets(model, parts, list(lora_attn_modules or ()), apply_lora_to_mlp, apply_lora_to_output)
-    apply_lora_to(model, targets, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
+    apply_lora_to(model, targets, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, use_dora=use_dora)
     return model
 
 
@@ -243,8 +246,8 @@ def lora_llama3_2_vision_11b(
 ) -> DeepFusionModel:
     """torchtune's ``lora_llama3_2_vision_11b``: the 11B-Vision shapes of ``llama3_2_vision_11b`` with LoRA adapters
     on the parts set to "lora" (see the module docstring). Keys: the base model's plus ``<layer>.lora_a.weight``
-    (rank, in) and ``<layer>.lora_b.weight`` (out, rank). DoRA and QLoRA (``use_dora``, ``quantize_base``) are
-    refused."""
+    (rank, in) and ``<layer>.lora_b.weight`` (out, rank); with ``use_dora`` the adapters are torchtune's DoRA layers,
+    which add ``<layer>.magnitude`` (out,). QLoRA (``quantize_base``) is refused."""
     return _with_lora(llama3_2_vision_11b, lora_attn_modules=lora_attn_modules, decoder_trainable=decoder_trainable,
                       encoder_trainable=encoder_trainable, fusion_trainable=fusion_trainable,
                       apply_lora_to_mlp=apply_lora_to_mlp, apply_lora_to_output=apply_lora_to_output,

@@ -8,8 +8,9 @@
 - one ``.safetensors`` file with torchtune's keys.
 
 Every weight of the model must be present except LoRA adapters (``*.lora_a.weight`` (rank, in), ``*.lora_b.weight``
-(out, rank)), which keep their initialisation (``lora_b`` zero: the adapted model starts as the loaded one); an extra
-or mis-shaped tensor is an error too, so a checkpoint for another model size never half-loads.
+(out, rank)), which keep their initialisation (``lora_b`` zero: the adapted model starts as the loaded one), and DoRA
+magnitudes (``*.magnitude`` (out,)), which are set from the loaded weights; an extra or mis-shaped tensor is an error
+too, so a checkpoint for another model size never half-loads.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mmtrain.errors import ConfigError
 
 __all__ = ["load_pretrained"]
 
-_ADAPTER_SUFFIXES = (".lora_a.weight", ".lora_b.weight")
+_ADAPTER_SUFFIXES = (".lora_a.weight", ".lora_b.weight", ".magnitude")
 
 
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -78,4 +79,18 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> str:
             raise ConfigError(f"pretrained={path}: {key} has shape {tuple(value.shape)}, the model "
                               f"{tuple(expected[key].shape)}: weights for another model size?")
     model.load_state_dict(state_dict, strict=False)
+    _initialize_unloaded_dora_magnitudes(model, set(state_dict))
     return f"loaded {len(state_dict)} tensors from {path} ({kind})"
+
+
+def _initialize_unloaded_dora_magnitudes(model: nn.Module, loaded: set[str]) -> None:
+    """DoRA's magnitudes are the row norms of the adapted weights: those the file did not hold are set again from
+    the weights just loaded (state-dict keys can differ from module names, so each layer is found through its
+    magnitude parameter)."""
+    from mmtrain.modules.lora import DoRALinear
+
+    layer_of = {id(m.magnitude): m for m in model.modules() if isinstance(m, DoRALinear)}
+    for key, value in model.state_dict(keep_vars=True).items():
+        layer = layer_of.get(id(value))
+        if layer is not None and key not in loaded:
+            layer.initialize_dora_magnitude()

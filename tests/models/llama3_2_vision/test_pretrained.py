@@ -45,6 +45,21 @@ def test_a_lora_model_takes_the_base_weights_and_keeps_its_adapters(tmp_path) ->
     assert all(not v.any() for k, v in adapters_before.items() if ".lora_b." in k)  # starts as the loaded model
 
 
+def test_a_dora_model_sets_its_magnitudes_from_the_loaded_weights(tmp_path) -> None:
+    """DoRA starts as the loaded model: magnitudes are the row norms of the loaded weights, not of the random ones
+    the model was built with."""
+    source = _random_tiny()
+    save_file(source.state_dict(), str(tmp_path / "weights.safetensors"))
+    target = lora_llama3_2_vision_tiny(["q_proj", "v_proj"], use_dora=True, **SHAPES)
+    load_pretrained(target, tmp_path / "weights.safetensors")
+    state, loaded = target.state_dict(), source.state_dict()
+    magnitudes = [k for k in state if k.endswith(".magnitude")]
+    assert "decoder.layers.1.fusion_layer.attn.q_proj.magnitude" in magnitudes
+    for key in magnitudes:
+        weight = loaded[key[: -len("magnitude")] + "weight"].double()
+        torch.testing.assert_close(state[key].double(), weight.norm(dim=1), rtol=1e-6, atol=1e-6)
+
+
 def test_weights_of_another_model_are_refused_before_copying(tmp_path) -> None:
     source = _random_tiny()
     weights = source.state_dict()
