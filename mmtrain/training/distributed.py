@@ -551,7 +551,9 @@ def compile_model(
         layers = list(_layer_modules(model, layer_modules))
         # Layers of one class share a compiled-code cache; EfficientNet's blocks differ in stride, kernel and
         # resolution from stage to stage, and past the default limit of 8 variants the rest would silently run eager.
-        raise_recompile_limit(len(layers))
+        # A layer can need a variant for training and one for eval under no_grad, and one with a dynamic length
+        # when sequence lengths vary between batches.
+        raise_recompile_limit(3 * len(layers))
         for layer in layers:
             layer.compile(**compile_kwargs)
         return model

@@ -128,7 +128,9 @@ def test_compile_model_keeps_outputs_and_keys(mode):
         distributed.compile_model(model, mode="everything")
 
 
-def test_regional_compile_raises_the_recompile_limit_to_the_layer_count():
+def test_regional_compile_raises_the_recompile_limit_past_the_layer_count():
+    from torch._dynamo.utils import counters
+
     config = torch._dynamo.config
     option = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     layers = [nn.Linear(i + 1, i + 1) for i in range(12)]  # twelve shapes: twelve compiled variants of one forward
@@ -136,10 +138,14 @@ def test_regional_compile_raises_the_recompile_limit_to_the_layer_count():
     # left `recompile_limit` unreadable for the tests after this one.
     with config.patch(**{option: 8}):
         distributed.compile_model(nn.Sequential(*layers), mode="regional", layer_modules=layers, backend="eager")
-        assert getattr(config, option) == 12
-        for i, layer in enumerate(layers):
-            x = torch.randn(2, i + 1)
-            torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+        assert getattr(config, option) == 36
+        counters.clear()
+        for grad_mode in (True, False):  # training, then eval under no_grad: a second variant of each layer
+            with torch.set_grad_enabled(grad_mode):
+                for i, layer in enumerate(layers):
+                    x = torch.randn(2, i + 1)
+                    torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+        assert counters["stats"]["unique_graphs"] == 24  # every variant compiled: none fell back to eager
 
 
 def test_grad_sync_is_noop_for_plain_model():
