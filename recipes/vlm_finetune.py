@@ -80,8 +80,11 @@ def validate(cfg: DictConfig, report: Any) -> None:
     if policy is not None and policy not in POLICIES:
         report.error("nonfinite.policy", f"must be {' or '.join(POLICIES)}, got {policy!r}")
     batch = int(cfg.get("batch_size", 1))
-    if batch % world:
-        report.error("batch_size", f"global batch {batch} is not divisible by the world size {world}")
+    # `mmtrain validate` plans for the configured world size; before a run, the ranks it will really have (one
+    # process without a launcher: distributed.world_size describes the planned job, and each rank checks again)
+    ranks = world if report.collects_infos else int(os.environ.get("WORLD_SIZE", 1))
+    if batch % ranks:
+        report.error("batch_size", f"global batch {batch} is not divisible by the world size {ranks}")
     try:
         check_tiling(cfg)
     except ConfigError as e:

@@ -221,6 +221,18 @@ def test_dora_finetune_exports_merged_weights_from_trained_magnitudes(tmp_path, 
     llama3_2_vision_tiny().load_state_dict(merged, strict=True)
 
 
+def test_the_planned_world_size_binds_validate_but_not_a_single_process_run(tmp_path, capsys) -> None:
+    """``distributed.world_size: 8`` (the 11B configs) plans the job `mmtrain validate` estimates; a run in one
+    process, e.g. on one GPU with ``distributed.strategy=none``, splits its batch over the one rank it has."""
+    from mmtrain.cli.main import main
+
+    planned = ["distributed.world_size=4", "batch_size=6"]
+    assert main(["validate", "vlm_finetune", "--config", "llama3_2_vision_tiny", *planned]) == 2
+    assert "global batch 6 is not divisible by the world size 4" in capsys.readouterr().err
+    assert main(["run", "vlm_finetune", "--config", "llama3_2_vision_tiny", f"output_dir={tmp_path}", "max_steps=1",
+                 "checkpoint.every_n_steps=0", "export=false", *TINY, *planned]) == 0
+
+
 def test_pretrained_weights_of_another_size_are_a_one_line_error(tmp_path) -> None:
     from mmtrain.cli.main import main
 
