@@ -140,6 +140,40 @@ def test_fa4_reads_the_callers_heads_in_place_and_writes_gradients_in_their_layo
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_eager_calls_skip_the_custom_ops_and_compute_what_they_compute(fake_fa4, monkeypatch, packed):
+    """Eager calls run FA4's kernels from an autograd Function, not through the dispatcher (whose Python cost
+    exceeded the kernels' at short lengths); compiled code takes the custom ops. Outputs and gradients are the same
+    either way."""
+    torch.manual_seed(0)
+    qkv_packed = torch.randn(2, 5, 3 * 2 * 8, dtype=torch.float64)
+    q, k, v = qkv(2, 3, s_q=7, d=32)
+
+    def run():
+        if packed:
+            leaf = qkv_packed.clone().requires_grad_()
+            out = fa4_module.fa4_packed_attention(leaf, 2, window=(1, 1))
+            leaves = (leaf,)
+        else:
+            leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))
+            out = fa4_module.fa4_attention(*leaves, window=(2, 1))
+        weights = torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).cos()
+        return out.detach(), torch.autograd.grad((out * weights).sum(), leaves)
+
+    ops = ("_fa4_packed_forward", "_fa4_packed_backward") if packed else ("_fa4_forward", "_fa4_backward")
+    originals = {name: getattr(fa4_module, name) for name in ops}
+    used = []
+    for name in ops:
+        monkeypatch.setattr(fa4_module, name, lambda *a, _name=name: used.append(_name) or originals[_name](*a))
+    eager_out, eager_grads = run()
+    assert used == [] and fake_fa4.backward_calls == 1
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what compiled code takes
+    op_out, op_grads = run()
+    assert used[0] == ops[0] and fake_fa4.backward_calls == 2
+    assert torch.equal(eager_out, op_out)
+    assert all(torch.equal(a, b) for a, b in zip(eager_grads, op_grads))
+
+
 def test_fa4_head_dims_are_padded_to_the_multiple_and_gradients_flow_back(fake_fa4):
     assert [fa4_module._padded(d) for d in (32, 64, 80, 96, 100, 128)] == [32, 64, 96, 96, 128, 128]
     q, k, v = (t.requires_grad_() for t in qkv(2, 3, s_q=5, d=80))
