@@ -498,8 +498,8 @@ def test_fused_qkv_on_fa4_matches_float64_attention_on_gpu(monkeypatch, causal):
     from mmtrain.modules.attention import MultiHeadAttention
 
     packed_calls = []
-    op = fa4_module._fa4_packed_forward
-    monkeypatch.setattr(fa4_module, "_fa4_packed_forward", lambda *a: packed_calls.append(1) or op(*a))
+    kernel = fa4_module._packed_forward_kernel  # what the eager Function and the custom op both run
+    monkeypatch.setattr(fa4_module, "_packed_forward_kernel", lambda *a: packed_calls.append(1) or kernel(*a))
     torch.manual_seed(0)
     b, s, heads, d = 2, 300, 4, 80
     mha = MultiHeadAttention(embed_dim=heads * d, num_heads=heads, bias=True, is_causal=causal, fused_qkv=True)
