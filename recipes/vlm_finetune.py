@@ -6,8 +6,8 @@ next-token cross-entropy on answer tokens only. Evaluation decodes greedy answer
 (KV caches, encoder run once per prompt) and logs ``val/answer_acc`` (exact match) to metrics.jsonl.
 
 Config keys: output_dir, seed, max_steps, resume, pretrained (weights to start from: a Hugging Face
-Llama-3.2-Vision folder, an export of this recipe or a .safetensors file with torchtune's keys; not read when
-resuming), batch_size, precision (fp32|bf16), sdpa_backend (auto|cudnn|flash|efficient|math|fa4), fused_qkv
+Llama-3.2-Vision folder, Meta's consolidated.pth or its folder, an export of this recipe or a .safetensors file
+with torchtune's keys; not read when resuming), batch_size, precision (fp32|bf16), sdpa_backend (auto|cudnn|flash|efficient|math|fa4), fused_qkv
 (auto|true|false: one q/k/v projection matmul; auto: with fa4),
 compile (none|regional|whole), activation_checkpointing, distributed.{strategy,world_size,reduce_dtype},
 checkpoint.{every_n_steps (0: no checkpoint; else also the last step),keep},

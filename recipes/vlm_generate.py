@@ -5,7 +5,7 @@
 
 ``checkpoint``: a checkpoint folder or a run's output_dir (its newest complete checkpoint); or ``pretrained``:
 weights as ``vlm_finetune`` starts from them (a Hugging Face Llama-3.2-Vision folder, an export such as
-``outputs/vlm_finetune_tiny/model``, a .safetensors file with torchtune's keys). ``image``: an image
+``outputs/vlm_finetune_tiny/model``, a .safetensors file with torchtune's keys, Meta's consolidated.pth). ``image``: an image
 file, or ``shapes:SPLIT:INDEX`` for a scene of the built-in generator (its true answer is printed alongside).
 Prints the answer; returns ``{"answer": ..., "prompt": ...}``.
 """

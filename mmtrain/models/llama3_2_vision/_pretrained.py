@@ -5,7 +5,9 @@
   converted to torchtune's keys by ``hf_to_mmtrain``;
 - a folder holding ``model.safetensors`` with torchtune's keys (an export of ``vlm_finetune``, whose LoRA runs export
   merged weights);
-- one ``.safetensors`` file with torchtune's keys.
+- one ``.safetensors`` file with torchtune's keys;
+- Meta's own format: the ``original/`` folder of the published repositories (``consolidated.pth``), or that ``.pth``
+  file, converted by ``meta_to_mmtrain`` (only tensors are unpickled).
 
 Every weight of the model must be present except LoRA adapters (``*.lora_a.weight`` (rank, in), ``*.lora_b.weight``
 (out, rank)), which keep their initialisation (``lora_b`` zero: the adapted model starts as the loaded one), and DoRA
@@ -33,8 +35,10 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     from safetensors.torch import load_file
 
     if path.is_file():
+        if path.suffix == ".pth":
+            return _read_meta(path), "Meta checkpoint"
         if path.suffix != ".safetensors":
-            raise ConfigError(f"pretrained={path}: expected a .safetensors file or a folder")
+            raise ConfigError(f"pretrained={path}: expected a .safetensors or Meta .pth file, or a folder")
         return load_file(str(path)), "safetensors file"
     config = path / "config.json"
     if config.is_file():
@@ -53,8 +57,24 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     weights = path / "model.safetensors"
     if weights.is_file():
         return load_file(str(weights)), "model.safetensors"
-    raise ConfigError(f"pretrained={path}: no model.safetensors, and no config.json of a Hugging Face "
-                      "Llama-3.2-Vision (model_type mllama) checkpoint")
+    if any(path.glob("consolidated*.pth")):
+        return _read_meta(path), "Meta checkpoint"
+    raise ConfigError(f"pretrained={path}: no model.safetensors, no Meta consolidated.pth, and no config.json of a "
+                      "Hugging Face Llama-3.2-Vision (model_type mllama) checkpoint")
+
+
+def _read_meta(path: Path) -> dict[str, torch.Tensor]:
+    import pickle
+
+    from mmtrain.models.llama3_2_vision._convert_meta_weights import load_meta_checkpoint
+
+    try:
+        return load_meta_checkpoint(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"pretrained={path}: {e}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # weights_only refused an object, or a torn file
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"pretrained={path}: not a checkpoint of tensors only, or unreadable ({first_line})") from None
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> str:

@@ -78,7 +78,7 @@ def test_weights_of_another_model_are_refused_before_copying(tmp_path) -> None:
         load_pretrained(target, tmp_path / "bigger.safetensors")
     assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())  # nothing half-loaded
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="no model.safetensors, and no config.json"):
+    with pytest.raises(ConfigError, match="no model.safetensors, no Meta consolidated.pth, and no config.json"):
         load_pretrained(target, tmp_path / "empty")
     with pytest.raises(ConfigError, match="no such file or folder"):
         load_pretrained(target, tmp_path / "nowhere")
