@@ -23,9 +23,10 @@ encoded as plain text, so data cannot forge a header or an end of turn. A messag
 the tokens with ``<|start_header_id|>assistant<|end_header_id|>\\n\\n`` for the model to continue. Generation
 stops at ``<|end_of_text|>``, ``<|eot_id|>`` or ``<|eom_id|>``.
 
-Labels are the tokens of each assistant message's content and its ``<|eot_id|>``, -100 elsewhere (user, system
-and tool messages, headers, ``<|begin_of_text|>``, and assistant messages with ``"masked": True``). Samples
-longer than ``max_seq_len`` are cut to it.
+Labels are the tokens of each assistant message, its header included, as torchtune masks whole messages: header,
+content and ``<|eot_id|>``; -100 elsewhere (user, system and tool messages, ``<|begin_of_text|>``, and assistant
+messages with ``"masked": True``). Samples longer than ``max_seq_len`` are cut to it. Unlike torchtune, no masked
+``<|end_of_text|>`` is appended (it changes no loss), so the ids are the Instruct chat template's.
 
     tokenizer = llama3_2_vision_tokenizer("/models/Llama-3.2-11B-Vision-Instruct", max_seq_len=8192)
     tokens, labels = tokenizer.tokenize_messages(
@@ -216,7 +217,8 @@ class Llama3VisionTokenizer:
     def tokenize_messages(self, messages: Sequence[Mapping[str, Any]], *,
                           add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """Chat messages ``{"role", "content", "masked"?, "eot"?}`` -> (tokens, labels), both (s,) with
-        s <= ``max_seq_len``. Labels are the token where trained (assistant content and its end token), else -100.
+        s <= ``max_seq_len``. Labels are the token where trained (assistant messages: header, content, end token),
+        else -100.
         With ``add_generation_prompt`` the tokens end with an assistant header for the model to continue."""
         tokens, labels = [self.bos_id], [CROSS_ENTROPY_IGNORE_IDX]
         for message in messages:
@@ -228,8 +230,7 @@ class Llama3VisionTokenizer:
             body.append(self.eot_id if message.get("eot", True) is not False else self.eom_id)
             tokens += header + body
             trained = role == "assistant" and message.get("masked", False) is not True
-            labels += [CROSS_ENTROPY_IGNORE_IDX] * len(header)
-            labels += body if trained else [CROSS_ENTROPY_IGNORE_IDX] * len(body)
+            labels += header + body if trained else [CROSS_ENTROPY_IGNORE_IDX] * (len(header) + len(body))
         if add_generation_prompt:
             header = self._header("assistant")
             tokens += header

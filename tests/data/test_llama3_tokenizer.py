@@ -53,9 +53,10 @@ def conversation(raw) -> tuple[list[int], list[int], int]:
     """The format written out: (tokens, labels, length of the prompt up to and with the assistant header)."""
     user, assistant, nl = text_ids(raw, "user"), text_ids(raw, "assistant"), text_ids(raw, "\n\n")
     question, answer = text_ids(raw, QUESTION), text_ids(raw, ANSWER)
-    prompt = [BOS, START, *user, END, *nl, IMAGE, *question, EOT, START, *assistant, END, *nl]
+    header = [START, *assistant, END, *nl]
+    prompt = [BOS, START, *user, END, *nl, IMAGE, *question, EOT, *header]
     tokens = prompt + answer + [EOT]
-    labels = [IGNORE] * len(prompt) + answer + [EOT]
+    labels = [IGNORE] * (len(prompt) - len(header)) + header + answer + [EOT]  # torchtune trains the whole message
     return tokens, labels, len(prompt)
 
 
@@ -117,7 +118,8 @@ def test_generation_prompt_masks_and_roles(tok, raw) -> None:
             *turn("assistant", text_ids(raw, "blue")), EOT, *turn("user", text_ids(raw, "green")), EOT,
             *turn("assistant", [])]
     assert got == [BOS, *body, *text_ids(raw, ANSWER), EOM]
-    assert got_labels == [IGNORE] * (1 + len(body)) + text_ids(raw, ANSWER) + [EOM]
+    last_header = turn("assistant", [])  # trained; the masked assistant turn's header is not
+    assert got_labels == [IGNORE] * (1 + len(body) - len(last_header)) + last_header + text_ids(raw, ANSWER) + [EOM]
     with pytest.raises(DataError, match="role 'robot'"):
         tok.tokenize_messages([{"role": "robot", "content": "hi"}])
     with pytest.raises(DataError, match="'video'"):
