@@ -45,7 +45,7 @@ import torch
 from mmtrain.data.vqa import CROSS_ENTROPY_IGNORE_IDX, IMAGE_TOKEN, content_parts
 from mmtrain.errors import ConfigError, DataError
 
-__all__ = ["LLAMA3_SPECIAL_TOKENS", "Llama3VisionTokenizer", "llama3_2_vision_tokenizer"]
+__all__ = ["LLAMA3_SPECIAL_TOKENS", "Llama3VisionTokenizer", "llama3_2_vision_tokenizer", "tokenizer_from_tiktoken"]
 
 ROLES = ("system", "user", "assistant", "ipython", "tool")
 
@@ -64,13 +64,101 @@ LLAMA3_SPECIAL_TOKENS = {
 _REQUIRED = ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
              "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", IMAGE_TOKEN)
 
+# Llama 3's pre-tokenizer split (tiktoken's pat_str of the published tokenizer.model; the Split of tokenizer.json).
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                        r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Special tokens after a tiktoken file's base ranks, by offset, as torchtune's Llama3Tokenizer names them; the rest of
+# the 256 are reserved, and <|image|> follows them (128256 for the published file).
+_TIKTOKEN_SPECIALS = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 2: "<|reserved_special_token_0|>",
+                      3: "<|reserved_special_token_1|>", 4: "<|finetune_right_pad_id|>", 5: "<|step_id|>",
+                      6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
+                      10: "<|python_tag|>", 11: "<|reserved_special_token_245|>", 12: "<|video|>"}
+_NUM_RESERVED_SPECIALS = 256
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """The byte-level alphabet of GPT-2 and ``tokenizers``' ByteLevel: printable bytes stand for themselves, the
+    others for the code points from 256 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _merge_parts(token: bytes, ranks: Mapping[bytes, int]) -> list[bytes]:
+    """tiktoken's byte-pair merge of ``token`` with the ranks below its own: the two parts its last merge joined
+    (more parts when no merge sequence reaches it)."""
+    limit = ranks[token]
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best, best_rank = -1, limit
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < best_rank:
+                best, best_rank = i, rank
+        if best < 0:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+def tokenizer_from_tiktoken(path: str | os.PathLike) -> Any:
+    """A tiktoken BPE file (``tokenizer.model`` of Meta's Llama 3 downloads: one ``base64(token) rank`` per line)
+    -> the same tokenizer as a ``tokenizers.Tokenizer``: byte-level BPE over the ranks (each token's merge is the
+    last pair tiktoken's merging joins; a token in the vocabulary is taken whole, as tiktoken does), Llama 3's split
+    pattern, the 256 special tokens after the ranks and ``<|image|>`` after those."""
+    import base64
+    import binascii
+
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise ConfigError(f"tokenizer.path: {path} line {number} is not 'base64-token rank' (a tiktoken "
+                                  "tokenizer.model)") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ConfigError(f"tokenizer.path: {path}: the ranks are not 0..{len(ranks) - 1}, each once")
+    alphabet = _byte_to_unicode()
+
+    def spelled(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    merges = []
+    for token in sorted((t for t in ranks if len(t) > 1), key=ranks.__getitem__):
+        parts = _merge_parts(token, ranks)
+        if len(parts) == 2:
+            merges.append((spelled(parts[0]), spelled(parts[1])))
+    vocab = {spelled(token): rank for token, rank in ranks.items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    names = [_TIKTOKEN_SPECIALS.get(k, f"<|reserved_special_token_{k - 11}|>") for k in range(_NUM_RESERVED_SPECIALS)]
+    tokenizer.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in [*names, IMAGE_TOKEN]])
+    return tokenizer
+
 
 class Llama3VisionTokenizer:
     """Llama 3.2 Vision tokenizer: text <-> ids and chat messages -> (tokens, labels).
 
     Args:
-        path: a ``tokenizer.json`` (Hugging Face ``tokenizers`` format) or a folder holding one, such as a
-            downloaded meta-llama/Llama-3.2-11B-Vision-Instruct folder.
+        path: a ``tokenizer.json`` (Hugging Face ``tokenizers`` format), Meta's tiktoken ``tokenizer.model``, or a
+            folder holding one (``tokenizer.json`` first), such as a downloaded
+            meta-llama/Llama-3.2-11B-Vision-Instruct folder or its ``original/`` folder.
         max_seq_len: tokens kept per sample (longer samples are cut); None keeps everything.
 
     Attributes: ``bos_id``, ``eos_id`` (``<|end_of_text|>``), ``eot_id``, ``eom_id``, ``pad_id``
@@ -89,16 +177,21 @@ class Llama3VisionTokenizer:
             raise ConfigError("tokenizer.path: required (a tokenizer.json, or the Hugging Face folder holding one)")
         path = Path(path).expanduser()
         if path.is_dir():
-            path = path / "tokenizer.json"
+            path = path / "tokenizer.json" if (path / "tokenizer.json").is_file() else path / "tokenizer.model"
         if not path.is_file():
-            raise ConfigError(f"tokenizer.path: no tokenizer file at {path} (a tokenizer.json or a folder holding one)")
+            raise ConfigError(f"tokenizer.path: no tokenizer file at {path} (a tokenizer.json, Meta's tiktoken "
+                              "tokenizer.model, or a folder holding one)")
         if max_seq_len is not None and int(max_seq_len) < 1:
             raise ConfigError(f"tokenizer.max_seq_len: must be at least 1 (or null for no limit), got {max_seq_len}")
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as error:  # the Rust side raises plain Exceptions  # noqa: BLE001
-            cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ConfigError(f"tokenizer.path: {path} cannot be read as a Hugging Face tokenizer.json ({cause})") from None
+        if path.suffix == ".model":
+            tokenizer = tokenizer_from_tiktoken(path)
+        else:
+            try:
+                tokenizer = Tokenizer.from_file(str(path))
+            except Exception as error:  # the Rust side raises plain Exceptions  # noqa: BLE001
+                cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise ConfigError(f"tokenizer.path: {path} cannot be read as a Hugging Face tokenizer.json "
+                                  f"({cause})") from None
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         missing = [token for token in _REQUIRED if token not in vocab]
         if missing:
