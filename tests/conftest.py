@@ -4,6 +4,9 @@
 Vision one: a byte-level BPE (Llama 3's split regex, trained on a few sentences, its vocabulary filled with
 unreachable tokens up to 128,000 ids), the 256 special tokens at 128000-128255 and ``<|image|>`` at 128256, as added
 tokens with their real ids.
+
+``write_llama3_tiktoken_model(path)``: the same vocabulary (without the fillers) as Meta's tiktoken
+``tokenizer.model``; returns its ranks.
 """
 
 import json
@@ -50,6 +53,42 @@ def _write_llama3_tokenizer_json(path, *, image_token: bool = True) -> None:
 @pytest.fixture(scope="session")
 def write_llama3_tokenizer_json():
     return _write_llama3_tokenizer_json
+
+
+def gpt2_byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte -> the byte."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(256 + extra)] = byte
+            extra += 1
+    return table
+
+
+def _write_llama3_tiktoken_model(path) -> dict[bytes, int]:
+    """Meta's ``tokenizer.model`` layout (``base64(token) rank`` lines) for the vocabulary of
+    ``write_llama3_tokenizer_json`` without its fillers (rank = id: the trainer numbers each merged token after the
+    ones it joins, as tiktoken's ranks are ordered). Returns the ranks; the special tokens follow them."""
+    import base64
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as scratch:
+        _write_llama3_tokenizer_json(Path(scratch) / "tokenizer.json")
+        vocab = json.loads((Path(scratch) / "tokenizer.json").read_text())["model"]["vocab"]
+    alphabet = gpt2_byte_alphabet()
+    ranks = {bytes(alphabet[c] for c in token): i for token, i in vocab.items() if not token.startswith("<filler_")}
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda x: x[1])]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return ranks
+
+
+@pytest.fixture(scope="session")
+def write_llama3_tiktoken_model():
+    return _write_llama3_tiktoken_model
 
 
 def _write_tiny_mllama_folder(model, folder, *, vocab_size: int = 128) -> None:

@@ -1,9 +1,6 @@
 """Meta's tiktoken ``tokenizer.model`` read as a byte-level BPE: the same ids as tiktoken's merging (written out
 here) and as the tokenizer.json holding the same vocabulary, Llama 3's special tokens after the ranks, errors."""
 
-import base64
-import json
-
 import pytest
 import regex
 
@@ -17,30 +14,12 @@ TEXTS = ["what colour is the circle?", "red", "It's 42 degrees.", "a square and 
          "tab\there\r\nand\nnewlines", "user assistant"]
 
 
-def gpt2_byte_alphabet() -> dict[str, int]:
-    """Byte-level BPE's printable stand-in for each byte -> the byte."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[chr(byte)] = byte
-        else:
-            table[chr(256 + extra)] = byte
-            extra += 1
-    return table
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, write_llama3_tokenizer_json):
-    """The toy tokenizer.json and the same vocabulary as a tiktoken file (rank = id: the trainer numbers each merged
-    token after the ones it joins, as tiktoken's ranks are ordered)."""
+def files(tmp_path_factory, write_llama3_tokenizer_json, write_llama3_tiktoken_model):
+    """The toy tokenizer.json and the same vocabulary as a tiktoken file."""
     folder = tmp_path_factory.mktemp("original")
     write_llama3_tokenizer_json(folder / "tokenizer.json")
-    vocab = json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
-    alphabet = gpt2_byte_alphabet()
-    ranks = {bytes(alphabet[c] for c in token): i for token, i in vocab.items() if not token.startswith("<filler_")}
-    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda x: x[1])]
-    (folder / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    ranks = write_llama3_tiktoken_model(folder / "tokenizer.model")
     return folder, ranks
 
 

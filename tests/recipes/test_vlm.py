@@ -233,6 +233,36 @@ def test_the_planned_world_size_binds_validate_but_not_a_single_process_run(tmp_
                  "checkpoint.every_n_steps=0", "export=false", *TINY, *planned]) == 0
 
 
+def test_lora_from_metas_original_folder_with_its_tiktoken_tokenizer(tmp_path, capsys,
+                                                                    write_llama3_tiktoken_model) -> None:
+    """Meta's download layout at toy size: consolidated.pth (Meta's keys) and the tiktoken tokenizer.model in one
+    folder -> LoRA fine-tuning reads both from it, and the export holds Meta's weights where no adapter trained."""
+    from safetensors.torch import load_file
+
+    from mmtrain.cli.main import main
+    from mmtrain.models.llama3_2_vision import llama3_2_vision_tiny, mmtrain_to_meta
+
+    folder = tmp_path / "original"
+    folder.mkdir()
+    vocab = len(write_llama3_tiktoken_model(folder / "tokenizer.model")) + 256  # ranks, then the special tokens
+    torch.manual_seed(0)
+    source = llama3_2_vision_tiny(vocab_size=vocab, max_num_tiles=2)
+    torch.save({**mmtrain_to_meta(source.state_dict()), "text_model.rope.freqs": torch.ones(4)},
+               folder / "consolidated.pth")
+    out = tmp_path / "lora"
+    assert main(["run", "vlm_finetune", "--config", "llama3_2_vision_tiny_lora", f"output_dir={out}", "max_steps=2",
+                 "checkpoint.every_n_steps=0", f"pretrained={folder}", f"model.vocab_size={vocab}",
+                 "model.max_num_tiles=2", "tokenizer=llama3_2_vision", f"tokenizer.path={folder}",
+                 f"tokenizer.image_token_id={vocab}", "tokenizer.max_seq_len=48", *TINY]) == 0
+    assert "(Meta checkpoint)" in capsys.readouterr().out
+    merged = load_file(out / "model" / "model.safetensors")
+    adapters = load_file(out / "model" / "adapter_model.safetensors")
+    adapted = {k[: -len(".lora_a.weight")] + ".weight" for k in adapters if k.endswith(".lora_a.weight")}
+    start = source.state_dict()
+    assert sorted(merged) == sorted(start) and adapted
+    assert all(torch.equal(merged[k], start[k]) for k in start if k not in adapted)
+
+
 def test_pretrained_weights_of_another_size_are_a_one_line_error(tmp_path) -> None:
     from mmtrain.cli.main import main
 
