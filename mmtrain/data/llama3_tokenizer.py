@@ -67,8 +67,9 @@ _REQUIRED = ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
 # Llama 3's pre-tokenizer split (tiktoken's pat_str of the published tokenizer.model; the Split of tokenizer.json).
 LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                         r"\s*[\r\n]+|\s+(?!\S)|\s+")
-# Special tokens after a tiktoken file's base ranks, by offset, as torchtune's Llama3Tokenizer names them; the rest of
-# the 256 are reserved, and <|image|> follows them (128256 for the published file).
+# Special tokens after a tiktoken file's base ranks, by offset, as torchtune's Llama3Tokenizer names them (it leaves
+# offset 11 unnamed; here it is the last reserved name); the rest of the 256 are reserved, and <|image|> follows them
+# (128256 for the published file).
 _TIKTOKEN_SPECIALS = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 2: "<|reserved_special_token_0|>",
                       3: "<|reserved_special_token_1|>", 4: "<|finetune_right_pad_id|>", 5: "<|step_id|>",
                       6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
