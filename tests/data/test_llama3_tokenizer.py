@@ -203,8 +203,9 @@ def test_errors_are_one_line_config_errors(tmp_path, model_dir, write_llama3_tok
     with pytest.raises(ConfigError, match="tokenizer.path: required") as info:
         Llama3VisionTokenizer(None)  # e.g. path: ${pretrained} with no pretrained= given
     errors.append(info.value)
-    garbage = tmp_path / "tokenizer.model"
-    garbage.write_text("IQ== 0\nIg== 1\n")  # tiktoken's format: not read here
+    garbage = tmp_path / "garbage" / "tokenizer.json"
+    garbage.parent.mkdir()
+    garbage.write_text("IQ== 0\nIg== 1\n")  # tiktoken's lines under the JSON's name
     with pytest.raises(ConfigError, match="cannot be read as a Hugging Face tokenizer.json") as info:
         Llama3VisionTokenizer(garbage)
     errors.append(info.value)
