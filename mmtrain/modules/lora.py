@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LORA_ATTN_MODULES", "DoRALinear", "LoRALinear", "apply_lora", "apply_lora_to", "disable_adapter",
-           "initialize_dora_magnitudes", "lora_param_names", "merge_lora_state_dict"]
+           "lora_param_names", "merge_lora_state_dict"]
 
 LORA_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 
@@ -150,15 +150,6 @@ class DoRALinear(LoRALinear):
         return out if self.bias is None else out + self.bias
 
 
-@torch.no_grad()
-def initialize_dora_magnitudes(model: nn.Module) -> int:
-    """``initialize_dora_magnitude`` on every ``DoRALinear`` of ``model``; returns how many."""
-    layers = [m for m in model.modules() if isinstance(m, DoRALinear)]
-    for layer in layers:
-        layer.initialize_dora_magnitude()
-    return len(layers)
-
-
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every ``LoRALinear`` in ``model`` computes its base layer only (torchtune's
@@ -211,8 +202,9 @@ def _adapter_class(use_dora: bool) -> type[LoRALinear]:
 def apply_lora_to(model: nn.Module, names: Iterable[str], *, rank: int = 8, alpha: float = 16,
                   dropout: float = 0.0, use_dora: bool = False) -> list[str]:
     """Replace exactly the ``nn.Linear`` submodules with these full names (e.g. ``decoder.layers.0.attn.q_proj``) by
-    ``LoRALinear``s (``DoRALinear``s with ``use_dora``) sharing their weights; adapters are trainable, the base keeps its ``requires_grad``. Returns the
-    full names of the adapter parameters. A name that is not an ``nn.Linear`` of ``model`` is a ValueError."""
+    ``LoRALinear``s (``DoRALinear``s with ``use_dora``) sharing their weights; adapters are trainable, the base keeps
+    its ``requires_grad``. Returns the full names of the adapter parameters. A name that is not an ``nn.Linear`` of
+    ``model`` is a ValueError."""
     modules = dict(model.named_modules())
     replaced: list[str] = []
     for full in names:
