@@ -96,8 +96,14 @@ def _adapted_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Te
 
 
 def _dora_row_norms(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``||W + scale * B A||`` over each row: (out_dim,)."""
-    return torch.linalg.vector_norm(_adapted_weight(weight, lora_a, lora_b, scale), dim=1)
+    """``||W + s B A||`` over each row, (out_dim,), without forming the (out_dim, in_dim) sum:
+    ``||W_i||^2 + 2 s <B_i, (W A^T)_i> + s^2 <B_i, (B A A^T)_i>``, where ``W A^T`` is (out_dim, rank)."""
+    dtype = _accumulation_dtype(weight)
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    squares = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square()
+    cross = (b * (weight @ lora_a.to(weight.dtype).T).to(dtype)).sum(1)
+    update = (b * (b @ (a @ a.T))).sum(1)
+    return (squares + 2 * scale * cross + scale * scale * update).clamp_min(0).sqrt()
 
 
 class DoRALinear(LoRALinear):
